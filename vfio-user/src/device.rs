@@ -118,11 +118,14 @@ pub trait ServerDevice: Send {
         data: IrqData,
     ) -> Result<(), Errno>;
 
-    /// A new DMA region was added to the table.
-    fn dma_map(&mut self, region: &DmaRegion) -> Result<(), Errno>;
-    /// A DMA region is about to be removed. When this returns, the device must hold no
-    /// reference to it and have no access to it in flight: the reply to the client follows.
-    fn dma_unmap(&mut self, region: &DmaRegion) -> Result<(), Errno>;
+    /// A DMA region was added. `table` is the whole new table, sorted by iova.
+    fn dma_map(&mut self, table: &[DmaRegion], added: &DmaRegion) -> Result<(), Errno>;
+    /// DMA regions (or pieces of regions, for a partial unmap) were removed; `table` is the
+    /// whole new table, which may hold the remainders of split regions. When this returns,
+    /// the device must hold no reference to a removed range and have no access to it in
+    /// flight: the reply to the client follows. An error is reported to the client, but the
+    /// ranges are removed regardless.
+    fn dma_unmap(&mut self, table: &[DmaRegion], removed: &[DmaRegion]) -> Result<(), Errno>;
 
     /// DEVICE_RESET.
     fn reset(&mut self) -> Result<(), Errno>;

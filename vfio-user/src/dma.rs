@@ -13,7 +13,10 @@ pub struct DmaRegion {
     /// `wire::dma_flags` READ / WRITE: what the *device* may do.
     pub prot: u32,
     /// Host mapping when the client passed an fd; `None` means reach it through `DmaPort`.
+    /// After a partial unmap split a region, several pieces share one mapping.
     pub mapping: Option<Arc<MmapRegion>>,
+    /// Offset of `iova` inside `mapping` (0 unless the region is a piece of a split one).
+    pub map_offset: u64,
 }
 
 impl DmaRegion {
