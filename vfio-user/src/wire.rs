@@ -79,7 +79,9 @@ pub const MAX_MSG_FDS: usize = 16;
 pub const MAX_VERSION_JSON: usize = 4096;
 
 /// Message header.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Header {
     pub msg_id: u16,
@@ -107,7 +109,9 @@ impl Header {
 }
 
 /// VERSION payload head; followed by an optional NUL-terminated JSON string.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Version {
     pub major: u16,
@@ -129,7 +133,9 @@ pub mod dma_flags {
 }
 
 /// DMA_MAP request payload (32 bytes). At most one fd rides with it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct DmaMap {
     pub argsz: u32,
@@ -141,7 +147,9 @@ pub struct DmaMap {
 }
 
 /// DMA_UNMAP request and reply payload (24 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct DmaUnmap {
     pub argsz: u32,
@@ -151,7 +159,9 @@ pub struct DmaUnmap {
 }
 
 /// DEVICE_GET_INFO payload (16 bytes both ways).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct DeviceInfo {
     pub argsz: u32,
@@ -167,7 +177,9 @@ pub mod device_flags {
 }
 
 /// DEVICE_GET_REGION_INFO payload head (32 bytes), followed by a capability chain.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct RegionInfo {
     pub argsz: u32,
@@ -189,7 +201,9 @@ pub mod region_flags {
 }
 
 /// Region capability header (VFIO `vfio_info_cap_header`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct CapHeader {
     pub id: u16,
@@ -204,7 +218,9 @@ pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
 pub const REGION_INFO_CAP_TYPE: u16 = 2;
 
 /// Sparse mmap capability body after its header.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct SparseMmapHead {
     pub nr_areas: u32,
@@ -212,7 +228,9 @@ pub struct SparseMmapHead {
 }
 
 /// One sparse mmap area.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct SparseMmapArea {
     pub offset: u64,
@@ -220,7 +238,9 @@ pub struct SparseMmapArea {
 }
 
 /// DEVICE_GET_REGION_IO_FDS request and reply head (16 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct RegionIoFds {
     pub argsz: u32,
@@ -230,7 +250,9 @@ pub struct RegionIoFds {
 }
 
 /// One ioeventfd sub-region of a DEVICE_GET_REGION_IO_FDS reply (40 bytes, spec layout).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct IoFdSubRegion {
     pub offset: u64,
@@ -252,7 +274,9 @@ pub mod iofd {
 }
 
 /// DEVICE_GET_IRQ_INFO payload (16 bytes both ways).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct IrqInfo {
     pub argsz: u32,
@@ -291,7 +315,9 @@ pub mod region_index {
 }
 
 /// DEVICE_SET_IRQS payload head (20 bytes); BOOL data or eventfds follow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct IrqSet {
     pub argsz: u32,
@@ -314,7 +340,9 @@ pub mod irq_set_flags {
 }
 
 /// REGION_READ / REGION_WRITE payload head (16 bytes); data follows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct RegionAccess {
     pub offset: u64,
@@ -323,7 +351,9 @@ pub struct RegionAccess {
 }
 
 /// Spec layout of DMA_READ / DMA_WRITE (16 bytes); data follows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct DmaAccess {
     pub address: u64,
@@ -332,7 +362,9 @@ pub struct DmaAccess {
 
 /// QEMU 11.1's layout of DMA_READ / DMA_WRITE (`VFIOUserDMARW`): a u32 count and data at
 /// payload offset 12 (message byte 28). See `docs/architecture.md` for the deviation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C, packed)]
 pub struct DmaAccessQemu {
     pub address: u64,
@@ -340,14 +372,18 @@ pub struct DmaAccessQemu {
 }
 
 /// REGION_WRITE_MULTI head: the number of entries that follow.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct WriteMultiHead {
     pub wr_cnt: u64,
 }
 
 /// One REGION_WRITE_MULTI entry (24 bytes; at most 8 data bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct WriteMultiEntry {
     pub offset: u64,
@@ -360,7 +396,9 @@ pub struct WriteMultiEntry {
 pub const MAX_WRITE_MULTI: u64 = 1024;
 
 /// DEVICE_FEATURE payload head (8 bytes); feature data follows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct DeviceFeature {
     pub argsz: u32,
@@ -376,7 +414,9 @@ pub mod feature_flags {
 }
 
 /// MIG_DATA_READ / MIG_DATA_WRITE head (8 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct MigData {
     pub argsz: u32,

@@ -1,0 +1,491 @@
+//! Guest memory built from the client's DMA maps.
+//!
+//! A [`GuestMemory`] is an immutable snapshot of the DMA table: fd-backed regions are reached
+//! through their mmap (vm-memory `MmapRegion`), fd-less regions through DMA_READ/DMA_WRITE
+//! messages on a [`DmaPort`]. Every access is bounds-checked against the regions, honours the
+//! map's protection (a device never writes a read-only map), and may span several regions.
+//!
+//! Users hold an `Arc<GuestMemory>` between quiesce points. When the client unmaps memory, the
+//! device layer quiesces every user, swaps in a new snapshot and only then lets the unmap
+//! reply go out, so no user touches memory after its unmap.
+
+use std::sync::Arc;
+
+use emudev_vfio_user::{DmaError, DmaPort, DmaRegion};
+use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// Why a guest-memory access failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemError {
+    #[error("guest range {gpa:#x}+{len:#x} is not inside any DMA map")]
+    Unmapped { gpa: u64, len: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} overflows the address space")]
+    Overflow { gpa: u64, len: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} is mapped read-only")]
+    ReadOnly { gpa: u64, len: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} is mapped write-only")]
+    WriteOnly { gpa: u64, len: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} has no host mapping (reached by messages only)")]
+    NotMappable { gpa: u64, len: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} spans several DMA maps")]
+    Discontiguous { gpa: u64, len: u64 },
+    #[error("DMA by message failed: {0}")]
+    Dma(#[from] DmaError),
+}
+
+/// What an access does to guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone)]
+enum Backing {
+    /// Host mapping plus the offset of the region start inside it.
+    Mapped {
+        mapping: Arc<MmapRegion>,
+        offset: usize,
+    },
+    /// Reached through DMA_READ / DMA_WRITE messages.
+    Message,
+}
+
+#[derive(Debug, Clone)]
+struct GuestRegion {
+    start: u64,
+    /// Length, > 0; `start + len` does not overflow.
+    len: u64,
+    readable: bool,
+    writable: bool,
+    backing: Backing,
+}
+
+impl GuestRegion {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// An immutable snapshot of guest memory.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    /// Sorted by `start`, non-overlapping.
+    regions: Vec<GuestRegion>,
+    port: Option<DmaPort>,
+}
+
+impl GuestMemory {
+    /// Memory with no regions: every access fails.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Build a snapshot from a DMA table. Regions that overlap an earlier one, are empty,
+    /// overflow, or whose mapping is smaller than claimed are left out (the protocol table
+    /// already rejects those; this keeps the snapshot sound on its own).
+    pub fn from_dma(table: &[DmaRegion], port: Option<DmaPort>) -> Self {
+        let mut regions: Vec<GuestRegion> = Vec::with_capacity(table.len());
+        let mut sorted: Vec<&DmaRegion> = table.iter().collect();
+        sorted.sort_by_key(|r| r.iova);
+        for r in sorted {
+            let Some(end) = r.iova.checked_add(r.size) else {
+                continue;
+            };
+            if r.size == 0 || regions.last().is_some_and(|p| p.end() > r.iova) {
+                continue;
+            }
+            let backing = match &r.mapping {
+                Some(m) => {
+                    let Ok(offset) = usize::try_from(r.map_offset) else {
+                        continue;
+                    };
+                    let fits = usize::try_from(r.size)
+                        .ok()
+                        .and_then(|s| offset.checked_add(s))
+                        .is_some_and(|e| e <= m.size());
+                    if !fits {
+                        continue;
+                    }
+                    Backing::Mapped {
+                        mapping: m.clone(),
+                        offset,
+                    }
+                }
+                None => Backing::Message,
+            };
+            regions.push(GuestRegion {
+                start: r.iova,
+                len: end - r.iova,
+                readable: r.readable(),
+                writable: r.writable(),
+                backing,
+            });
+        }
+        Self { regions, port }
+    }
+
+    /// Number of regions in the snapshot.
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// True when every region has a host mapping (no message DMA needed).
+    pub fn all_mapped(&self) -> bool {
+        self.regions
+            .iter()
+            .all(|r| matches!(r.backing, Backing::Mapped { .. }))
+    }
+
+    fn find(&self, gpa: u64) -> Option<&GuestRegion> {
+        let idx = self.regions.partition_point(|r| r.end() <= gpa);
+        self.regions.get(idx).filter(|r| r.start <= gpa)
+    }
+
+    fn check_access(r: &GuestRegion, access: Access, gpa: u64, len: u64) -> Result<(), MemError> {
+        match access {
+            Access::Read if !r.readable => Err(MemError::WriteOnly { gpa, len }),
+            Access::Write if !r.writable => Err(MemError::ReadOnly { gpa, len }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Walk `[gpa, gpa+len)` region by region, checking protection for every piece before any
+    /// byte moves, then call `f(region, offset_in_region, range_in_buffer)` for each piece.
+    fn for_each_piece(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(&GuestRegion, u64, std::ops::Range<usize>) -> Result<(), MemError>,
+    ) -> Result<(), MemError> {
+        let len64 = len as u64;
+        let end = gpa
+            .checked_add(len64)
+            .ok_or(MemError::Overflow { gpa, len: len64 })?;
+        // First pass: coverage and protection, so a failing access moves no byte.
+        let mut pieces: [(usize, u64, usize, usize); 4] = [(0, 0, 0, 0); 4];
+        let mut spill: Vec<(usize, u64, usize, usize)> = Vec::new();
+        let mut count = 0usize;
+        let mut cur = gpa;
+        let mut idx = self.regions.partition_point(|r| r.end() <= gpa);
+        while cur < end {
+            let r = self
+                .regions
+                .get(idx)
+                .filter(|r| r.start <= cur)
+                .ok_or(MemError::Unmapped { gpa, len: len64 })?;
+            Self::check_access(r, access, gpa, len64)?;
+            let piece_end = end.min(r.end());
+            let piece = (
+                idx,
+                cur - r.start,
+                (cur - gpa) as usize,
+                (piece_end - gpa) as usize,
+            );
+            if count < pieces.len() {
+                pieces[count] = piece;
+            } else {
+                spill.push(piece);
+            }
+            count += 1;
+            cur = piece_end;
+            idx += 1;
+        }
+        for &(idx, off, b0, b1) in pieces.iter().take(count.min(4)).chain(spill.iter()) {
+            f(&self.regions[idx], off, b0..b1)?;
+        }
+        Ok(())
+    }
+
+    fn port(&self) -> Result<&DmaPort, MemError> {
+        self.port
+            .as_ref()
+            .ok_or(MemError::Dma(DmaError::Disconnected))
+    }
+
+    /// Copy guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.for_each_piece(gpa, buf.len(), Access::Read, |r, off, range| {
+            let dst = &mut buf[range];
+            match &r.backing {
+                Backing::Mapped { mapping, offset } => {
+                    let vs = mapped_slice(mapping, *offset, off, dst.len())?;
+                    vs.copy_to(dst);
+                    Ok(())
+                }
+                Backing::Message => Ok(self.port()?.read(r.start + off, dst)?),
+            }
+        })
+    }
+
+    /// Copy `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        self.for_each_piece(gpa, data.len(), Access::Write, |r, off, range| {
+            let src = &data[range];
+            match &r.backing {
+                Backing::Mapped { mapping, offset } => {
+                    let vs = mapped_slice(mapping, *offset, off, src.len())?;
+                    vs.copy_from(src);
+                    Ok(())
+                }
+                Backing::Message => Ok(self.port()?.write(r.start + off, src)?),
+            }
+        })
+    }
+
+    /// Read a plain-data object.
+    pub fn read_obj<T: FromBytes + IntoBytes>(&self, gpa: u64) -> Result<T, MemError> {
+        let mut v = T::new_zeroed();
+        self.read(gpa, v.as_mut_bytes())?;
+        Ok(v)
+    }
+
+    /// Write a plain-data object.
+    pub fn write_obj<T: IntoBytes + Immutable>(&self, gpa: u64, v: &T) -> Result<(), MemError> {
+        self.write(gpa, v.as_bytes())
+    }
+
+    /// A host view of `[gpa, gpa+len)`, which must lie inside one fd-backed region that allows
+    /// `access`. This is the fast path: rings and data buffers are translated once, then
+    /// accessed directly. Message-backed memory gives `NotMappable`; use `read`/`write`.
+    pub fn slice(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
+    ) -> Result<VolatileSlice<'_>, MemError> {
+        let len64 = len as u64;
+        let end = gpa
+            .checked_add(len64)
+            .ok_or(MemError::Overflow { gpa, len: len64 })?;
+        let r = self
+            .find(gpa)
+            .ok_or(MemError::Unmapped { gpa, len: len64 })?;
+        if end > r.end() {
+            return if self.find(r.end()).is_some_and(|n| n.start == r.end()) {
+                Err(MemError::Discontiguous { gpa, len: len64 })
+            } else {
+                Err(MemError::Unmapped { gpa, len: len64 })
+            };
+        }
+        Self::check_access(r, access, gpa, len64)?;
+        match &r.backing {
+            Backing::Mapped { mapping, offset } => {
+                mapped_slice(mapping, *offset, gpa - r.start, len)
+            }
+            Backing::Message => Err(MemError::NotMappable { gpa, len: len64 }),
+        }
+    }
+
+    /// True when `[gpa, gpa+len)` is entirely covered by regions allowing `access`.
+    pub fn check_range(&self, gpa: u64, len: u64, access: Access) -> bool {
+        let Ok(len) = usize::try_from(len) else {
+            return false;
+        };
+        self.for_each_piece(gpa, len, access, |_, _, _| Ok(()))
+            .is_ok()
+    }
+}
+
+/// View `len` bytes at `off` inside a region that starts `base` bytes into `mapping`.
+fn mapped_slice(
+    mapping: &MmapRegion,
+    base: usize,
+    off: u64,
+    len: usize,
+) -> Result<VolatileSlice<'_>, MemError> {
+    let err = MemError::Unmapped {
+        gpa: off,
+        len: len as u64,
+    };
+    let start = usize::try_from(off)
+        .ok()
+        .and_then(|o| o.checked_add(base))
+        .ok_or(err.clone())?;
+    mapping.get_slice(start, len).map_err(|_| err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emudev_vfio_user::wire::dma_flags;
+    use emudev_vfio_user::DmaTransport;
+    use std::sync::Mutex;
+
+    fn anon(size: usize) -> Arc<MmapRegion> {
+        Arc::new(MmapRegion::new(size).unwrap())
+    }
+
+    fn mapped(iova: u64, size: u64, prot: u32, m: &Arc<MmapRegion>, off: u64) -> DmaRegion {
+        DmaRegion {
+            iova,
+            size,
+            prot,
+            mapping: Some(m.clone()),
+            map_offset: off,
+        }
+    }
+
+    /// A client memory reached by messages, recording every transfer.
+    struct FakePort {
+        mem: Mutex<Vec<u8>>,
+        base: u64,
+        log: Mutex<Vec<(bool, u64, usize)>>,
+    }
+    impl DmaTransport for FakePort {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            self.log.lock().unwrap().push((false, addr, buf.len()));
+            let m = self.mem.lock().unwrap();
+            let o = (addr - self.base) as usize;
+            buf.copy_from_slice(&m[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+            self.log.lock().unwrap().push((true, addr, data.len()));
+            let mut m = self.mem.lock().unwrap();
+            let o = (addr - self.base) as usize;
+            m[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    const RW: u32 = dma_flags::READ | dma_flags::WRITE;
+
+    #[test]
+    fn read_write_within_and_across_regions() {
+        let a = anon(0x2000);
+        let b = anon(0x1000);
+        let mem = GuestMemory::from_dma(
+            &[
+                mapped(0x1000, 0x2000, RW, &a, 0),
+                mapped(0x3000, 0x1000, RW, &b, 0),
+            ],
+            None,
+        );
+        let data: Vec<u8> = (0..64u8).collect();
+        // Straddles the boundary between the two regions at 0x3000.
+        mem.write(0x3000 - 32, &data).unwrap();
+        let mut back = [0u8; 64];
+        mem.read(0x3000 - 32, &mut back).unwrap();
+        assert_eq!(&back[..], &data[..]);
+        // The second half really landed in region b at offset 0.
+        let mut b0 = [0u8; 32];
+        b.get_slice(0, 32).unwrap().copy_to(&mut b0[..]);
+        assert_eq!(&b0[..], &data[32..]);
+        // slice() refuses to span regions.
+        assert!(matches!(
+            mem.slice(0x3000 - 32, 64, Access::Read),
+            Err(MemError::Discontiguous { .. })
+        ));
+    }
+
+    #[test]
+    fn out_of_bounds_and_overflow_are_refused_without_side_effects() {
+        let a = anon(0x1000);
+        let mem = GuestMemory::from_dma(&[mapped(0x1000, 0x1000, RW, &a, 0)], None);
+        assert!(matches!(
+            mem.read(0x0fff, &mut [0u8; 2]),
+            Err(MemError::Unmapped { .. })
+        ));
+        assert!(matches!(
+            mem.write(0x1fff, &[1u8, 2]),
+            Err(MemError::Unmapped { .. })
+        ));
+        assert!(matches!(
+            mem.read(u64::MAX - 1, &mut [0u8; 4]),
+            Err(MemError::Overflow { .. })
+        ));
+        // The failed straddling write must not have written its first byte.
+        let mut last = [0u8; 1];
+        mem.read(0x1fff, &mut last).unwrap();
+        assert_eq!(last[0], 0);
+    }
+
+    #[test]
+    fn read_only_maps_refuse_device_writes() {
+        let a = anon(0x1000);
+        let mem = GuestMemory::from_dma(&[mapped(0x0, 0x1000, dma_flags::READ, &a, 0)], None);
+        assert!(matches!(
+            mem.write(0x10, &[1]),
+            Err(MemError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            mem.slice(0x10, 1, Access::Write),
+            Err(MemError::ReadOnly { .. })
+        ));
+        assert!(mem.slice(0x10, 1, Access::Read).is_ok());
+    }
+
+    #[test]
+    fn split_pieces_share_one_mapping_with_offsets() {
+        let a = anon(0x3000);
+        // A region split in two by a partial unmap of its middle page.
+        let mem = GuestMemory::from_dma(
+            &[
+                mapped(0x10000, 0x1000, RW, &a, 0),
+                mapped(0x12000, 0x1000, RW, &a, 0x2000),
+            ],
+            None,
+        );
+        mem.write(0x12000, &[0xab]).unwrap();
+        let mut v = [0u8];
+        a.get_slice(0x2000, 1).unwrap().copy_to(&mut v[..]);
+        assert_eq!(v[0], 0xab);
+        assert!(mem.read(0x11000, &mut [0u8]).is_err());
+    }
+
+    #[test]
+    fn message_backed_regions_go_through_the_port_in_pieces() {
+        let a = anon(0x1000);
+        let port = Arc::new(FakePort {
+            mem: Mutex::new(vec![0; 0x1000]),
+            base: 0x2000,
+            log: Mutex::new(Vec::new()),
+        });
+        let table = [
+            mapped(0x1000, 0x1000, RW, &a, 0),
+            DmaRegion {
+                iova: 0x2000,
+                size: 0x1000,
+                prot: RW,
+                mapping: None,
+                map_offset: 0,
+            },
+        ];
+        let mem = GuestMemory::from_dma(&table, Some(DmaPort::new(port.clone())));
+        assert!(!mem.all_mapped());
+        mem.write(0x1ff0, &[7u8; 32]).unwrap();
+        assert_eq!(port.log.lock().unwrap().as_slice(), &[(true, 0x2000, 16)]);
+        assert_eq!(&port.mem.lock().unwrap()[..16], &[7u8; 16]);
+        let mut back = [0u8; 32];
+        mem.read(0x1ff0, &mut back).unwrap();
+        assert_eq!(back, [7u8; 32]);
+        assert!(matches!(
+            mem.slice(0x2000, 16, Access::Read),
+            Err(MemError::NotMappable { .. })
+        ));
+        // Without a port, message-backed memory is unreachable.
+        let mem = GuestMemory::from_dma(&table, None);
+        assert!(matches!(
+            mem.read(0x2000, &mut [0u8; 4]),
+            Err(MemError::Dma(DmaError::Disconnected))
+        ));
+    }
+
+    #[test]
+    fn bogus_tables_are_sanitised() {
+        let a = anon(0x1000);
+        let mem = GuestMemory::from_dma(
+            &[
+                mapped(0x0, 0x1000, RW, &a, 0),
+                mapped(0x800, 0x1000, RW, &a, 0),      // overlaps
+                mapped(0x4000, 0x2000, RW, &a, 0),     // larger than its mapping
+                mapped(u64::MAX - 10, 100, RW, &a, 0), // overflows
+            ],
+            None,
+        );
+        assert_eq!(mem.region_count(), 1);
+    }
+}
