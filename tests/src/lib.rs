@@ -1,1 +1,3 @@
-//! Integration tests live in tests/.
+//! Shared helpers for the protocol-level integration tests in `tests/tests/`.
+
+pub mod fixtures;

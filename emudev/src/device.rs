@@ -1,0 +1,108 @@
+//! The provider-facing API: what a device model implements.
+//!
+//! A device model owns its PCI function state ([`crate::pci::PciDevice`]: config space, BARs,
+//! capabilities, MSI-X) and its datapath. The transport adapter (`crate::transport`) routes
+//! config-space accesses and MSI-X table/PBA accesses to the PCI model, all other BAR accesses
+//! to the device, turns DMA map changes into quiesce + [`DeviceModel::set_memory`] + resume,
+//! and client loss into [`DeviceModel::stop`]. Devices never see the socket.
+//!
+//! Threads: every method here is called from the device's control thread (the vfio-user
+//! connection thread, or the test thread for the in-process transport). Datapath work runs
+//! on poller threads the device hands its queues to; `quiesce` is the handshake with them.
+
+use std::sync::Arc;
+
+use emudev_vfio_user::{IoEventFd, RegionMmap};
+
+use crate::memory::GuestMemory;
+
+/// Errors a device model reports to its transport or to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{device}: invalid attribute {key}: {reason}")]
+    InvalidAttribute {
+        device: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{device}: unknown attribute {key}")]
+    UnknownAttribute { device: String, key: String },
+    #[error("{device}: quiesce did not finish within {millis} ms")]
+    QuiesceTimeout { device: String, millis: u64 },
+    #[error("{device}: {reason}")]
+    Failed { device: String, reason: String },
+}
+
+/// Lifecycle state of a device, as the management layer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Built and configured; no client attached.
+    Configured,
+    /// A client is attached; the guest may drive the device.
+    Running,
+    /// DMA stopped (quiesced) for a memory change or at the client's request.
+    Quiesced,
+    /// The client went away; state kept for the next client.
+    Stopped,
+    /// The device hit an internal error and refuses further work until reset.
+    Failed,
+}
+
+/// A device model: virtio-blk, virtio-net, the AVF NIC, the test device.
+pub trait DeviceModel: Send {
+    /// Short name for logs and errors, e.g. "virtio-blk0".
+    fn name(&self) -> &str;
+
+    /// The PCI function state. The adapter routes config space (region 7) and the MSI-X
+    /// table and PBA here.
+    fn pci(&mut self) -> &mut crate::pci::PciDevice;
+
+    /// A BAR access the PCI model does not claim (everything but the MSI-X table/PBA).
+    /// The range is inside the BAR. Reads of unimplemented registers return zeroes.
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    /// See [`DeviceModel::bar_read`].
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+
+    /// Called after a config-space write the PCI model applied, with what changed, so the
+    /// device can react (bus mastering off, MSI-X enabled, FLR...).
+    fn config_written(&mut self, _offset: u64, _len: usize) {}
+
+    /// mmap information for a BAR with mappable areas (polled doorbell pages).
+    fn bar_mmap(&self, _bar: u8) -> Option<RegionMmap> {
+        None
+    }
+
+    /// ioeventfds for a BAR (DEVICE_GET_REGION_IO_FDS). Default: none.
+    fn ioeventfds(&mut self, _bar: u8) -> Vec<IoEventFd> {
+        Vec::new()
+    }
+
+    /// Switch to a new guest memory snapshot. Called while quiesced.
+    fn set_memory(&mut self, mem: Arc<GuestMemory>);
+
+    /// Stop all DMA and wait until none is in flight; bounded in time.
+    fn quiesce(&mut self) -> Result<(), DeviceError>;
+    /// Undo [`DeviceModel::quiesce`].
+    fn resume(&mut self);
+
+    /// Device reset (DEVICE_RESET, or a function-level reset): back to power-on state.
+    fn reset(&mut self);
+
+    /// The client went away: stop the datapath (like quiesce, but the device stays stopped
+    /// until the next client and guest driver start it), keep configuration.
+    fn stop(&mut self) {
+        let _ = self.quiesce();
+    }
+
+    /// Read a device-specific attribute (e.g. "link" for a NIC).
+    fn attr(&self, _key: &str) -> Option<String> {
+        None
+    }
+    /// Set a device-specific attribute at runtime.
+    fn set_attr(&mut self, key: &str, _value: &str) -> Result<(), DeviceError> {
+        Err(DeviceError::UnknownAttribute {
+            device: self.name().to_string(),
+            key: key.to_string(),
+        })
+    }
+}
