@@ -25,6 +25,13 @@ fi
 step "build release binaries"
 cargo build --release --locked -p emudev-examples --bins || fail "release build failed"
 export BIN=$ROOT/target/release
+# For case-testdev: the static guest-mmio tool and the guest kernel module. A failure here
+# only warns; the cases that need these files report them missing.
+step "build guest tools (static guest-mmio, emudev_testdev.ko)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+    --target x86_64-unknown-linux-gnu -p emudev-guest-tools || echo "WARN: guest-mmio build failed"
+export GUEST_MMIO=$ROOT/target/x86_64-unknown-linux-gnu/release/guest-mmio
+bash tests/guest/build-testdev-driver.sh || echo "WARN: emudev_testdev.ko build failed"
 export RUN_GUEST=$SHARED_HARNESS/run-guest.sh
 export GUEST_LOGS=$ROOT/target/guest-logs
 mkdir -p "$GUEST_LOGS"

@@ -67,6 +67,17 @@ pub trait DeviceModel: Send {
     /// device can react (bus mastering off, MSI-X enabled, FLR...).
     fn config_written(&mut self, _offset: u64, _len: usize) {}
 
+    /// The [`crate::pci::ConfigEvent`]s of that write (only called when there are some),
+    /// right after [`DeviceModel::config_written`]. Added by h4 so devices need not diff
+    /// the config space themselves. A `FunctionLevelReset` is also handled by the
+    /// transport, which calls [`DeviceModel::reset`] and then `PciDevice::reset` after this.
+    fn config_events(&mut self, _events: &[crate::pci::ConfigEvent]) {}
+
+    /// Called before a config-space read is served from the PCI model, so the device can
+    /// refresh bytes whose value is produced by the read itself (the virtio PCI-cfg access
+    /// window, which performs a BAR read). Default: nothing.
+    fn config_reading(&mut self, _offset: u64, _len: usize) {}
+
     /// mmap information for a BAR with mappable areas (polled doorbell pages).
     fn bar_mmap(&self, _bar: u8) -> Option<RegionMmap> {
         None
@@ -86,6 +97,9 @@ pub trait DeviceModel: Send {
     fn resume(&mut self);
 
     /// Device reset (DEVICE_RESET, or a function-level reset): back to power-on state.
+    /// The transport calls `PciDevice::reset` right after this (config space, MSI-X, INTx),
+    /// so the device only resets its own state (calling it too is harmless). Memory and
+    /// client interrupt fds stay.
     fn reset(&mut self);
 
     /// The client went away: stop the datapath (like quiesce, but the device stays stopped

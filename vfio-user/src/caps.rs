@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::Errno;
-use crate::wire::{Version, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, MAX_VERSION_JSON, VERSION_MAJOR, VERSION_MINOR};
+use crate::wire::{
+    Version, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, MAX_VERSION_JSON, VERSION_MAJOR, VERSION_MINOR,
+};
 
 /// Spec default of `max_msg_fds` when the peer leaves it out.
 pub const DEFAULT_MAX_MSG_FDS: u32 = 1;
@@ -69,7 +71,11 @@ fn get_u64(caps: &Map<String, Value>, key: &str, min: u64, max: u64) -> Result<O
 /// Parse a VERSION payload (`u16 major, u16 minor, [json NUL]`).
 pub fn parse_version(payload: &[u8]) -> Result<PeerCaps, Errno> {
     let (ver, json) = Version::read_from_prefix(payload).map_err(|_| Errno::EINVAL)?;
-    let mut caps = PeerCaps { major: ver.major, minor: ver.minor, ..PeerCaps::default() };
+    let mut caps = PeerCaps {
+        major: ver.major,
+        minor: ver.minor,
+        ..PeerCaps::default()
+    };
     if json.is_empty() {
         return Ok(caps);
     }
@@ -157,7 +163,13 @@ impl Default for ServerCaps {
 /// The result is never longer than the request, always NUL-terminated when it carries
 /// JSON, and its minor is ≤ the client's. Keys are added by priority while they fit.
 pub fn format_reply(client: &PeerCaps, request_payload_len: usize, ours: &ServerCaps) -> Vec<u8> {
-    let ver = Version { major: VERSION_MAJOR, minor: client.minor.min(VERSION_MINOR) };
+    // Kept as min() so that raising VERSION_MINOR stays correct.
+    #[allow(clippy::unnecessary_min_or_max)]
+    let minor = client.minor.min(VERSION_MINOR);
+    let ver = Version {
+        major: VERSION_MAJOR,
+        minor,
+    };
     let head = ver.as_bytes();
     let budget = request_payload_len.saturating_sub(head.len());
     let mut entries: Vec<String> = vec![
@@ -167,7 +179,10 @@ pub fn format_reply(client: &PeerCaps, request_payload_len: usize, ours: &Server
     if ours.write_multiple && client.write_multiple {
         entries.push("\"write_multiple\":true".to_string());
     }
-    entries.push(format!("\"max_dma_maps\":{}", ours.max_dma_maps.min(client.max_dma_maps)));
+    entries.push(format!(
+        "\"max_dma_maps\":{}",
+        ours.max_dma_maps.min(client.max_dma_maps)
+    ));
     entries.push(format!("\"pgsizes\":{}", ours.pgsizes & client.pgsizes));
     let render = |keys: &[&String]| -> String {
         let inner: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
@@ -184,15 +199,22 @@ pub fn format_reply(client: &PeerCaps, request_payload_len: usize, ours: &Server
     if !chosen.is_empty() {
         out.extend_from_slice(render(&chosen).as_bytes());
         out.push(0);
-    } else if budget >= "{}".len() + 1 && client.has_json {
+    } else if budget > "{}".len() && client.has_json {
         out.extend_from_slice(b"{}\0");
     }
     out
 }
 
 /// Our capabilities JSON as a client (QEMU-like, without the migration leftovers).
-pub fn format_client_request(max_msg_fds: u32, max_data_xfer_size: u64, max_dma_maps: u32) -> Vec<u8> {
-    let ver = Version { major: VERSION_MAJOR, minor: VERSION_MINOR };
+pub fn format_client_request(
+    max_msg_fds: u32,
+    max_data_xfer_size: u64,
+    max_dma_maps: u32,
+) -> Vec<u8> {
+    let ver = Version {
+        major: VERSION_MAJOR,
+        minor: VERSION_MINOR,
+    };
     let mut out = ver.as_bytes().to_vec();
     out.extend_from_slice(
         format!(
@@ -205,7 +227,7 @@ pub fn format_client_request(max_msg_fds: u32, max_data_xfer_size: u64, max_dma_
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The JSON QEMU 11.1 sent in `qemu-11.1-gpio-shared.decoded.txt` (message size 214).
@@ -252,12 +274,19 @@ mod tests {
     #[test]
     fn write_multiple_only_when_enabled_and_offered() {
         let c = parse_version(&qemu_payload()).unwrap();
-        let ours = ServerCaps { write_multiple: true, ..ServerCaps::default() };
+        let ours = ServerCaps {
+            write_multiple: true,
+            ..ServerCaps::default()
+        };
         let r = format_reply(&c, 4096, &ours);
-        assert!(std::str::from_utf8(&r[4..]).unwrap().contains("\"write_multiple\":true"));
+        assert!(std::str::from_utf8(&r[4..])
+            .unwrap()
+            .contains("\"write_multiple\":true"));
         let plain = parse_version(&payload("{\"capabilities\":{}}")).unwrap();
         let r = format_reply(&plain, 4096, &ours);
-        assert!(!std::str::from_utf8(&r[4..]).unwrap().contains("write_multiple"));
+        assert!(!std::str::from_utf8(&r[4..])
+            .unwrap()
+            .contains("write_multiple"));
     }
 
     #[test]
@@ -318,8 +347,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_ignored_and_defaults_apply() {
-        let c = parse_version(&payload("{\"capabilities\":{\"frobnicate\":[1],\"pgsizes\":4096}}"))
-            .unwrap();
+        let c = parse_version(&payload(
+            "{\"capabilities\":{\"frobnicate\":[1],\"pgsizes\":4096}}",
+        ))
+        .unwrap();
         assert_eq!(c.max_msg_fds, DEFAULT_MAX_MSG_FDS);
         assert!(!c.looks_like_qemu);
         let c = parse_version(&payload("{\"other\":1}")).unwrap();
@@ -330,6 +361,9 @@ mod tests {
     fn client_request_roundtrips() {
         let r = format_client_request(8, 65536, 100);
         let c = parse_version(&r).unwrap();
-        assert_eq!((c.max_msg_fds, c.max_data_xfer_size, c.max_dma_maps), (8, 65536, 100));
+        assert_eq!(
+            (c.max_msg_fds, c.max_data_xfer_size, c.max_dma_maps),
+            (8, 65536, 100)
+        );
     }
 }

@@ -47,7 +47,10 @@ pub enum FrameError {
 pub enum Frame {
     Message(Message),
     /// A malformed message that was dropped (its fds closed, its body skipped).
-    Rejected { header: Header, error: FrameError },
+    Rejected {
+        header: Header,
+        error: FrameError,
+    },
 }
 
 struct FdBatch {
@@ -195,13 +198,16 @@ impl Decoder {
         if self.buffered() < HEADER_SIZE {
             return None;
         }
-        let header = Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_SIZE])
-            .ok()?;
+        let header =
+            Header::read_from_bytes(&self.buf[self.start..self.start + HEADER_SIZE]).ok()?;
         let size = header.msg_size as usize;
         if size < HEADER_SIZE {
             self.consume(HEADER_SIZE);
             self.drop_batches_before(self.pos);
-            return Some(Frame::Rejected { header, error: FrameError::TooSmall(header.msg_size) });
+            return Some(Frame::Rejected {
+                header,
+                error: FrameError::TooSmall(header.msg_size),
+            });
         }
         if size > self.max_msg_size {
             self.consume(HEADER_SIZE);
@@ -212,7 +218,10 @@ impl Decoder {
             self.consume(n);
             self.skip -= n as u64;
             self.drop_batches_before(self.pos);
-            return Some(Frame::Rejected { header, error: FrameError::TooLarge(header.msg_size) });
+            return Some(Frame::Rejected {
+                header,
+                error: FrameError::TooLarge(header.msg_size),
+            });
         }
         if self.buffered() < size {
             return None;
@@ -229,12 +238,22 @@ impl Decoder {
         let payload = self.buf[self.start + HEADER_SIZE..self.start + size].to_vec();
         self.consume(size);
         if truncated {
-            return Some(Frame::Rejected { header, error: FrameError::FdsTruncated });
+            return Some(Frame::Rejected {
+                header,
+                error: FrameError::FdsTruncated,
+            });
         }
         if fds.len() > self.max_fds {
-            return Some(Frame::Rejected { header, error: FrameError::TooManyFds(fds.len()) });
+            return Some(Frame::Rejected {
+                header,
+                error: FrameError::TooManyFds(fds.len()),
+            });
         }
-        Some(Frame::Message(Message { header, payload, fds }))
+        Some(Frame::Message(Message {
+            header,
+            payload,
+            fds,
+        }))
     }
 }
 
@@ -270,7 +289,11 @@ pub fn reply(req: &Header, parts: &[&[u8]]) -> Vec<u8> {
 
 /// A header-only error reply to `req` (flags REPLY|ERROR); errno is forced into 1..4096.
 pub fn error_reply(req: &Header, errno: u32) -> Vec<u8> {
-    let errno = if (1..4096).contains(&errno) { errno } else { libc::EINVAL as u32 };
+    let errno = if (1..4096).contains(&errno) {
+        errno
+    } else {
+        libc::EINVAL as u32
+    };
     encode(
         req.msg_id,
         req.command,
@@ -339,7 +362,9 @@ impl OutQueue {
                 return Ok(false);
             }
             while n > 0 {
-                let Some(front) = self.queue.front() else { break };
+                let Some(front) = self.queue.front() else {
+                    break;
+                };
                 let left = front.bytes.len() - self.offset;
                 if n >= left {
                     n -= left;
@@ -363,7 +388,10 @@ pub fn write_all(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> 
         let f: &[BorrowedFd<'_>] = if first { fds } else { &[] };
         match send_with_fds(sock, &[IoSlice::new(&bytes[off..])], f) {
             Ok(0) if !bytes.is_empty() => {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "socket took no bytes"))
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "socket took no bytes",
+                ))
             }
             Ok(n) => {
                 off += n;
@@ -390,8 +418,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn memfd() -> OwnedFd {
-        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .unwrap()
+        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC).unwrap()
     }
 
     fn msg(frame: Option<Frame>) -> Message {
@@ -456,7 +483,10 @@ mod tests {
         d.push(&bad, vec![], false);
         d.push(&good, vec![], false);
         match d.next_frame() {
-            Some(Frame::Rejected { header, error: FrameError::TooSmall(8) }) => {
+            Some(Frame::Rejected {
+                header,
+                error: FrameError::TooSmall(8),
+            }) => {
                 assert_eq!(header.msg_id, 4)
             }
             other => panic!("{other:?}"),
@@ -472,7 +502,10 @@ mod tests {
         hdr[4..8].copy_from_slice(&((16 + body_len) as u32).to_ne_bytes());
         d.push(&hdr, vec![], false);
         match d.next_frame() {
-            Some(Frame::Rejected { error: FrameError::TooLarge(1016), .. }) => {}
+            Some(Frame::Rejected {
+                error: FrameError::TooLarge(1016),
+                ..
+            }) => {}
             other => panic!("{other:?}"),
         }
         // The body arrives in pieces, some with fds: all dropped.
@@ -486,7 +519,10 @@ mod tests {
         tail.extend(request(2, cmd::DEVICE_RESET, false, &[]));
         d.push(&tail, vec![], false);
         assert_eq!(msg(d.next_frame()).header.msg_id, 2);
-        assert!(d.buf.len() <= INITIAL_BUF, "decoder allocated for the oversized body");
+        assert!(
+            d.buf.len() <= INITIAL_BUF,
+            "decoder allocated for the oversized body"
+        );
     }
 
     #[test]
@@ -496,12 +532,18 @@ mod tests {
         d.push(&m, vec![memfd(), memfd(), memfd()], false);
         assert!(matches!(
             d.next_frame(),
-            Some(Frame::Rejected { error: FrameError::TooManyFds(3), .. })
+            Some(Frame::Rejected {
+                error: FrameError::TooManyFds(3),
+                ..
+            })
         ));
         d.push(&m, vec![memfd()], true);
         assert!(matches!(
             d.next_frame(),
-            Some(Frame::Rejected { error: FrameError::FdsTruncated, .. })
+            Some(Frame::Rejected {
+                error: FrameError::FdsTruncated,
+                ..
+            })
         ));
         d.push(&m, vec![memfd()], false);
         assert_eq!(msg(d.next_frame()).fds.len(), 1);
@@ -509,11 +551,20 @@ mod tests {
 
     #[test]
     fn error_reply_shape() {
-        let req = Header { msg_id: 0x1234, command: cmd::DMA_MAP, msg_size: 48, flags: 0, error: 0 };
+        let req = Header {
+            msg_id: 0x1234,
+            command: cmd::DMA_MAP,
+            msg_size: 48,
+            flags: 0,
+            error: 0,
+        };
         let r = error_reply(&req, libc::EEXIST as u32);
         let h = Header::read_from_bytes(&r[..]).unwrap();
         assert_eq!(r.len(), 16);
-        assert_eq!((h.msg_id, h.command, h.msg_size, h.flags), (0x1234, cmd::DMA_MAP, 16, 0x21));
+        assert_eq!(
+            (h.msg_id, h.command, h.msg_size, h.flags),
+            (0x1234, cmd::DMA_MAP, 16, 0x21)
+        );
         assert_eq!(h.error, libc::EEXIST as u32);
         let h0 = Header::read_from_bytes(&error_reply(&req, 0)[..]).unwrap();
         assert_eq!(h0.error, libc::EINVAL as u32);
@@ -562,9 +613,15 @@ mod tests {
         let mut q = OutQueue::default();
         let f = Arc::new(memfd());
         for i in 0..64u16 {
-            q.push(Outgoing { bytes: request(i, cmd::REGION_WRITE, false, &[&[i as u8; 8192]]), fds: vec![] });
+            q.push(Outgoing {
+                bytes: request(i, cmd::REGION_WRITE, false, &[&[i as u8; 8192]]),
+                fds: vec![],
+            });
         }
-        q.push(Outgoing { bytes: request(64, cmd::DMA_MAP, false, &[&[0u8; 32]]), fds: vec![f] });
+        q.push(Outgoing {
+            bytes: request(64, cmd::DMA_MAP, false, &[&[0u8; 32]]),
+            fds: vec![f],
+        });
         let reader = std::thread::spawn(move || {
             let mut d = Decoder::new();
             let mut out = Vec::new();

@@ -32,7 +32,10 @@ pub struct DmaTable {
 
 impl DmaTable {
     pub fn new(max_maps: usize) -> Self {
-        Self { regions: Vec::new(), max_maps }
+        Self {
+            regions: Vec::new(),
+            max_maps,
+        }
     }
 
     pub fn regions(&self) -> &[DmaRegion] {
@@ -68,7 +71,11 @@ impl DmaTable {
         let end = req.address.checked_add(req.size).ok_or(Errno::EINVAL)?;
         let i = self.regions.partition_point(|r| r.end() <= req.address);
         if self.regions.get(i).is_some_and(|r| r.iova < end) {
-            log::warn!("DMA_MAP: {:#x}+{:#x} overlaps an existing map", req.address, req.size);
+            log::warn!(
+                "DMA_MAP: {:#x}+{:#x} overlaps an existing map",
+                req.address,
+                req.size
+            );
             return Err(Errno::EEXIST);
         }
         if self.regions.len() >= self.max_maps {
@@ -79,7 +86,13 @@ impl DmaTable {
             None => None,
             Some(fd) => Some(Arc::new(mmap_fd(fd, req.offset, req.size, prot)?)),
         };
-        let region = DmaRegion { iova: req.address, size: req.size, prot, mapping, map_offset: 0 };
+        let region = DmaRegion {
+            iova: req.address,
+            size: req.size,
+            prot,
+            mapping,
+            map_offset: 0,
+        };
         self.regions.insert(i, region.clone());
         Ok(region)
     }
@@ -156,7 +169,10 @@ fn mmap_fd(fd: OwnedFd, offset: u64, size: u64, flags: u32) -> Result<MmapRegion
     // Regular files (memfd, hugetlbfs, tmpfs) must cover the range, or accesses past the
     // end would SIGBUS the server.
     if meta.file_type().is_file() && meta.len() < file_end {
-        log::warn!("DMA_MAP: fd range {offset:#x}+{size:#x} beyond file size {:#x}", meta.len());
+        log::warn!(
+            "DMA_MAP: fd range {offset:#x}+{size:#x} beyond file size {:#x}",
+            meta.len()
+        );
         return Err(Errno::EINVAL);
     }
     let mut prot = 0;
@@ -166,12 +182,16 @@ fn mmap_fd(fd: OwnedFd, offset: u64, size: u64, flags: u32) -> Result<MmapRegion
     if flags & dma_flags::WRITE != 0 {
         prot |= libc::PROT_WRITE;
     }
-    MmapRegion::build(Some(FileOffset::new(file, offset)), len, prot, libc::MAP_SHARED).map_err(
-        |e| {
-            log::warn!("DMA_MAP: mmap of {size:#x} bytes at fd offset {offset:#x} failed: {e}");
-            Errno::EINVAL
-        },
+    MmapRegion::build(
+        Some(FileOffset::new(file, offset)),
+        len,
+        prot,
+        libc::MAP_SHARED,
     )
+    .map_err(|e| {
+        log::warn!("DMA_MAP: mmap of {size:#x} bytes at fd offset {offset:#x} failed: {e}");
+        Errno::EINVAL
+    })
 }
 
 #[cfg(test)]
@@ -180,14 +200,21 @@ mod tests {
     use std::os::fd::{AsRawFd, RawFd};
 
     fn memfd(size: u64) -> OwnedFd {
-        let fd = nix::sys::memfd::memfd_create(c"dma", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"dma", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .unwrap();
         nix::unistd::ftruncate(&fd, size as i64).unwrap();
         fd
     }
 
     fn req(address: u64, size: u64) -> DmaMap {
-        DmaMap { argsz: 32, flags: dma_flags::READ | dma_flags::WRITE, offset: 0, address, size }
+        DmaMap {
+            argsz: 32,
+            flags: dma_flags::READ | dma_flags::WRITE,
+            offset: 0,
+            address,
+            size,
+        }
     }
 
     fn is_open(fd: RawFd) -> bool {
@@ -195,15 +222,24 @@ mod tests {
     }
 
     fn spans(t: &DmaTable) -> Vec<(u64, u64, u64)> {
-        t.regions().iter().map(|r| (r.iova, r.size, r.map_offset)).collect()
+        t.regions()
+            .iter()
+            .map(|r| (r.iova, r.size, r.map_offset))
+            .collect()
     }
 
     #[test]
     fn map_validation() {
         let mut t = DmaTable::new(3);
         assert_eq!(t.map(&req(0x1000, 0), None).unwrap_err(), Errno::EINVAL);
-        assert_eq!(t.map(&req(u64::MAX - 10, 0x1000), None).unwrap_err(), Errno::EINVAL);
-        assert_eq!(t.map(&req(0, MAX_DMA_REGION_SIZE + 1), None).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            t.map(&req(u64::MAX - 10, 0x1000), None).unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            t.map(&req(0, MAX_DMA_REGION_SIZE + 1), None).unwrap_err(),
+            Errno::EINVAL
+        );
         let mut bad = req(0, 0x1000);
         bad.flags = 0x4;
         assert_eq!(t.map(&bad, None).unwrap_err(), Errno::EINVAL);
@@ -212,13 +248,28 @@ mod tests {
         t.map(&req(0x2000, 0x1000), None).unwrap();
         t.map(&req(0x0, 0x1000), None).unwrap();
         // Overlaps: inside, straddling either edge, covering.
-        for (a, s) in [(0x2800, 0x10), (0x1800, 0x1000), (0x2fff, 2), (0x1000, 0x3000)] {
-            assert_eq!(t.map(&req(a, s), None).unwrap_err(), Errno::EEXIST, "{a:#x}");
+        for (a, s) in [
+            (0x2800, 0x10),
+            (0x1800, 0x1000),
+            (0x2fff, 2),
+            (0x1000, 0x3000),
+        ] {
+            assert_eq!(
+                t.map(&req(a, s), None).unwrap_err(),
+                Errno::EEXIST,
+                "{a:#x}"
+            );
         }
         // Adjacent is fine.
         t.map(&req(0x1000, 0x1000), None).unwrap();
-        assert_eq!(t.map(&req(0x9000, 0x1000), None).unwrap_err(), Errno::ENOSPC);
-        assert_eq!(spans(&t), vec![(0, 0x1000, 0), (0x1000, 0x1000, 0), (0x2000, 0x1000, 0)]);
+        assert_eq!(
+            t.map(&req(0x9000, 0x1000), None).unwrap_err(),
+            Errno::ENOSPC
+        );
+        assert_eq!(
+            spans(&t),
+            vec![(0, 0x1000, 0), (0x1000, 0x1000, 0), (0x2000, 0x1000, 0)]
+        );
         assert_eq!(t.find(0x1fff).unwrap().iova, 0x1000);
         assert!(t.find(0x3000).is_none());
     }
@@ -235,17 +286,26 @@ mod tests {
         // Range beyond the file: refused, fd closed.
         let fd = memfd(0x1000);
         let raw = fd.as_raw_fd();
-        assert_eq!(t.map(&req(0x20000, 0x2000), Some(fd)).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            t.map(&req(0x20000, 0x2000), Some(fd)).unwrap_err(),
+            Errno::EINVAL
+        );
         assert!(!is_open(raw));
         // An fd that cannot be mmapped (a pipe): refused, fd closed.
         let (rd, _wr) = nix::unistd::pipe().unwrap();
         let raw = rd.as_raw_fd();
-        assert_eq!(t.map(&req(0x20000, 0x1000), Some(rd)).unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            t.map(&req(0x20000, 0x1000), Some(rd)).unwrap_err(),
+            Errno::EINVAL
+        );
         assert!(!is_open(raw));
         // Overlap with an fd: fd closed too.
         let fd = memfd(0x2000);
         let raw = fd.as_raw_fd();
-        assert_eq!(t.map(&req(0x10000, 0x1000), Some(fd)).unwrap_err(), Errno::EEXIST);
+        assert_eq!(
+            t.map(&req(0x10000, 0x1000), Some(fd)).unwrap_err(),
+            Errno::EEXIST
+        );
         assert!(!is_open(raw));
         assert_eq!(t.len(), 1);
     }
@@ -261,7 +321,10 @@ mod tests {
         assert_eq!(removed[0].iova, 0x1000);
         // A range covering several whole maps (and a hole).
         let removed = t.unmap(0x2000, 0x4000).unwrap();
-        assert_eq!(removed.iter().map(|r| r.iova).collect::<Vec<_>>(), vec![0x2000, 0x5000]);
+        assert_eq!(
+            removed.iter().map(|r| r.iova).collect::<Vec<_>>(),
+            vec![0x2000, 0x5000]
+        );
         assert_eq!(spans(&t), vec![(0, 0x1000, 0)]);
         // Nothing there: success, nothing removed.
         assert!(t.unmap(0x8000, 0x1000).unwrap().is_empty());
@@ -281,18 +344,30 @@ mod tests {
         // SAFETY: the mapping is 0x10000 bytes long and writable.
         unsafe { map.as_ptr().add(0x9000).write(0xab) };
         let removed = t.unmap(0x104000, 0x4000).unwrap();
-        assert_eq!((removed[0].iova, removed[0].size, removed[0].map_offset), (0x104000, 0x4000, 0x4000));
-        assert_eq!(spans(&t), vec![(0x100000, 0x4000, 0), (0x108000, 0x8000, 0x8000)]);
+        assert_eq!(
+            (removed[0].iova, removed[0].size, removed[0].map_offset),
+            (0x104000, 0x4000, 0x4000)
+        );
+        assert_eq!(
+            spans(&t),
+            vec![(0x100000, 0x4000, 0), (0x108000, 0x8000, 0x8000)]
+        );
         let tail = &t.regions()[1];
         assert!(Arc::ptr_eq(tail.mapping.as_ref().unwrap(), &map));
         // The tail still reaches the same memory.
         let off = (0x109000 - tail.iova + tail.map_offset) as usize;
         // SAFETY: off < 0x10000, inside the live mapping.
-        assert_eq!(unsafe { tail.mapping.as_ref().unwrap().as_ptr().add(off).read() }, 0xab);
+        assert_eq!(
+            unsafe { tail.mapping.as_ref().unwrap().as_ptr().add(off).read() },
+            0xab
+        );
         // Straddling unmap over the end of the first piece and start of the second.
         let removed = t.unmap(0x103000, 0x6000).unwrap();
         assert_eq!(removed.len(), 2);
-        assert_eq!(spans(&t), vec![(0x100000, 0x3000, 0), (0x109000, 0x7000, 0x9000)]);
+        assert_eq!(
+            spans(&t),
+            vec![(0x100000, 0x3000, 0), (0x109000, 0x7000, 0x9000)]
+        );
     }
 
     #[test]

@@ -101,7 +101,11 @@ pub fn send_with_fds(
             "too many fds for one message",
         ));
     }
-    let space = if fds.is_empty() { 0 } else { cmsg_space(fds.len()) };
+    let space = if fds.is_empty() {
+        0
+    } else {
+        cmsg_space(fds.len())
+    };
     let mut cbuf = vec![0u64; space.div_ceil(8)];
     loop {
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
@@ -148,8 +152,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn memfd() -> OwnedFd {
-        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .unwrap()
+        nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC).unwrap()
     }
 
     #[test]

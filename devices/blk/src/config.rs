@@ -57,8 +57,19 @@ pub mod feature {
 
 /// `virtio_blk_config.geometry`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct VirtioBlkGeometry {
     pub cylinders: U16,
     pub heads: u8,
@@ -67,8 +78,19 @@ pub struct VirtioBlkGeometry {
 
 /// `virtio_blk_config.zoned` (`virtio_blk_zoned_characteristics`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct VirtioBlkZoned {
     pub zone_sectors: U32,
     pub max_open_zones: U32,
@@ -81,8 +103,19 @@ pub struct VirtioBlkZoned {
 
 /// `struct virtio_blk_config` as the driver sees it (little-endian, packed).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct VirtioBlkConfig {
     /// Size in 512-byte sectors.
     pub capacity: U64,
@@ -119,7 +152,9 @@ const _: () = assert!(core::mem::size_of::<VirtioBlkConfig>() == 96);
 pub enum ConfigError {
     #[error("logical block size {0} is not a power of two in 512..=65536")]
     BlockSize(u32),
-    #[error("physical block size {phys} is not a power-of-two multiple of the logical size {logical}")]
+    #[error(
+        "physical block size {phys} is not a power-of-two multiple of the logical size {logical}"
+    )]
     PhysicalBlockSize { phys: u32, logical: u32 },
     #[error("num_queues must be in 1..=65535, got {0}")]
     NumQueues(u32),
@@ -364,7 +399,10 @@ mod tests {
         assert_eq!(offset_of!(VirtioBlkConfig, max_write_zeroes_seg), 52);
         assert_eq!(offset_of!(VirtioBlkConfig, write_zeroes_may_unmap), 56);
         assert_eq!(offset_of!(VirtioBlkConfig, max_secure_erase_sectors), 60);
-        assert_eq!(offset_of!(VirtioBlkConfig, secure_erase_sector_alignment), 68);
+        assert_eq!(
+            offset_of!(VirtioBlkConfig, secure_erase_sector_alignment),
+            68
+        );
         assert_eq!(offset_of!(VirtioBlkConfig, zoned), 72);
     }
 

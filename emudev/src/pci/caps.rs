@@ -94,11 +94,11 @@ impl CapInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CapError {
     #[error("capability {id:#04x} body of {len} bytes is too long")]
-    TooLong { id: u8, len: usize },
+    TooLong { id: u16, len: usize },
     #[error("capability {id:#04x} masks must match the body length {len}")]
-    MaskLength { id: u8, len: usize },
+    MaskLength { id: u16, len: usize },
     #[error("capability {id:#04x} of {len} bytes does not fit at {offset:#x}")]
-    NoRoom { id: u8, offset: usize, len: usize },
+    NoRoom { id: u16, offset: usize, len: usize },
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
@@ -109,13 +109,13 @@ impl Capability {
     pub fn raw(id: u8, body: Vec<u8>, wmask: Vec<u8>, w1cmask: Vec<u8>) -> Result<Self, CapError> {
         if body.len() + 2 > MAX_CAP_LEN {
             return Err(CapError::TooLong {
-                id,
+                id: id.into(),
                 len: body.len(),
             });
         }
         if wmask.len() != body.len() || w1cmask.len() != body.len() {
             return Err(CapError::MaskLength {
-                id,
+                id: id.into(),
                 len: body.len(),
             });
         }
@@ -139,12 +139,12 @@ impl Capability {
     pub fn vendor_with_wmask(data: &[u8], wmask: &[u8]) -> Result<Self, CapError> {
         let len = data.len() + 3;
         let len8 = u8::try_from(len).map_err(|_| CapError::TooLong {
-            id: cap_id::VENDOR,
+            id: cap_id::VENDOR.into(),
             len: data.len(),
         })?;
         if wmask.len() != data.len() {
             return Err(CapError::MaskLength {
-                id: cap_id::VENDOR,
+                id: cap_id::VENDOR.into(),
                 len: data.len(),
             });
         }
@@ -251,14 +251,17 @@ impl Capability {
 }
 
 /// Place `caps` in order from 0x40, link them and point 0x34 at the first one.
-pub(crate) fn install(cfg: &mut ConfigSpace, caps: &[Capability]) -> Result<Vec<CapInfo>, CapError> {
+pub(crate) fn install(
+    cfg: &mut ConfigSpace,
+    caps: &[Capability],
+) -> Result<Vec<CapInfo>, CapError> {
     let mut infos = Vec::with_capacity(caps.len());
     let mut off = reg::CAP_START;
     for cap in caps {
         let end = off + cap.len();
         if end > reg::EXT_CAP_START {
             return Err(CapError::NoRoom {
-                id: cap.id,
+                id: cap.id.into(),
                 offset: off,
                 len: cap.len(),
             });
@@ -322,6 +325,139 @@ pub fn walk_capabilities(image: &[u8]) -> Result<Vec<(u8, usize)>, CapWalkError>
         ptr = usize::from(image[ptr + 1]);
     }
     Ok(out)
+}
+
+/// A PCI Express extended capability (in the 4096-byte space, from 0x100): id, version and
+/// the bytes after the 4-byte header, with masks of the same length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtCapability {
+    id: u16,
+    version: u8,
+    body: Vec<u8>,
+    wmask: Vec<u8>,
+    w1cmask: Vec<u8>,
+}
+
+/// Where an extended capability was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtCapInfo {
+    pub id: u16,
+    /// Offset of the header dword.
+    pub offset: u16,
+    /// Length including the header.
+    pub len: u16,
+}
+
+impl ExtCapability {
+    /// An extended capability from raw parts (`version` 0..=15). The body is padded to
+    /// whole dwords when placed.
+    pub fn raw(
+        id: u16,
+        version: u8,
+        body: Vec<u8>,
+        wmask: Vec<u8>,
+        w1cmask: Vec<u8>,
+    ) -> Result<Self, CapError> {
+        let len = body.len();
+        if version > 0xf || len + 4 > reg::EXT_CAP_SPACE_END - reg::EXT_CAP_START {
+            return Err(CapError::TooLong { id, len });
+        }
+        if wmask.len() != len || w1cmask.len() != len {
+            return Err(CapError::MaskLength { id, len });
+        }
+        Ok(Self {
+            id,
+            version,
+            body,
+            wmask,
+            w1cmask,
+        })
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Length including the header.
+    pub fn len(&self) -> usize {
+        self.body.len() + 4
+    }
+
+    /// Never true: a capability has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Place extended capabilities in order from 0x100 (dword aligned) and link them. With
+/// none, the header at 0x100 stays 0 ("no extended capabilities").
+pub(crate) fn install_ext(
+    cfg: &mut ConfigSpace,
+    caps: &[ExtCapability],
+) -> Result<Vec<ExtCapInfo>, CapError> {
+    let mut infos = Vec::with_capacity(caps.len());
+    let mut off = reg::EXT_CAP_START;
+    for cap in caps {
+        let end = off + cap.len();
+        if end > cfg.size() || end > reg::EXT_CAP_SPACE_END {
+            return Err(CapError::NoRoom {
+                id: cap.id,
+                offset: off,
+                len: cap.len(),
+            });
+        }
+        infos.push(ExtCapInfo {
+            id: cap.id,
+            offset: off as u16,
+            len: cap.len() as u16,
+        });
+        off = (end + 3) & !3;
+    }
+    for (i, (cap, info)) in caps.iter().zip(&infos).enumerate() {
+        let o = usize::from(info.offset);
+        let next = infos.get(i + 1).map_or(0, |n| u32::from(n.offset));
+        let header = u32::from(cap.id) | (u32::from(cap.version) << 16) | (next << 20);
+        cfg.set_u32(o, header)?;
+        cfg.set_bytes(o + 4, &cap.body)?;
+        cfg.set_wmask(o + 4, &cap.wmask)?;
+        cfg.set_w1cmask(o + 4, &cap.w1cmask)?;
+    }
+    Ok(infos)
+}
+
+/// Walk the extended capability chain: `(id, version, offset)` in chain order. Empty when
+/// the image is 256 bytes or the header at 0x100 is 0 or all-ones.
+pub fn walk_ext_capabilities(image: &[u8]) -> Result<Vec<(u16, u8, usize)>, CapWalkError> {
+    let mut out = Vec::new();
+    if image.len() <= reg::EXT_CAP_START {
+        return Ok(out);
+    }
+    let dword = |o: usize| -> Option<u32> {
+        let b = image.get(o..o + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut seen = BTreeSet::new();
+    let mut ptr = reg::EXT_CAP_START;
+    loop {
+        if ptr < reg::EXT_CAP_START || ptr % 4 != 0 {
+            return Err(CapWalkError::BadPointer(ptr));
+        }
+        let h = dword(ptr).ok_or(CapWalkError::BadPointer(ptr))?;
+        if h == 0 || h == u32::MAX {
+            if ptr == reg::EXT_CAP_START {
+                return Ok(out);
+            }
+            return Err(CapWalkError::BadPointer(ptr));
+        }
+        if !seen.insert(ptr) {
+            return Err(CapWalkError::Loop(ptr));
+        }
+        out.push(((h & 0xffff) as u16, ((h >> 16) & 0xf) as u8, ptr));
+        ptr = (h >> 20) as usize;
+        if ptr == 0 {
+            return Ok(out);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -450,5 +586,55 @@ mod tests {
         assert_eq!(c.u16_at(0x42), 0xc7ff);
         c.write(0x44, &[0xff; 8]).unwrap();
         assert_eq!(c.u32_at(0x44), 3);
+    }
+
+    #[test]
+    fn ext_chain_is_linked_and_walkable() {
+        let mut c = ConfigSpace::new(ConfigSize::Express);
+        // No extended caps: header 0, walk empty.
+        assert_eq!(walk_ext_capabilities(c.bytes()).unwrap(), vec![]);
+        let caps = [
+            // 6-byte body: the next cap is realigned to a dword.
+            ExtCapability::raw(
+                0x000b,
+                1,
+                vec![1, 0, 0x10, 0, 0xaa, 0xbb],
+                vec![0; 6],
+                vec![0; 6],
+            )
+            .unwrap(),
+            ExtCapability::raw(0x0001, 2, vec![0; 8], vec![0xff; 8], vec![0; 8]).unwrap(),
+        ];
+        let infos = install_ext(&mut c, &caps).unwrap();
+        assert_eq!(infos[0].offset, 0x100);
+        assert_eq!(infos[1].offset, 0x10c);
+        assert_eq!(c.u32_at(0x100), 0x000b | (1 << 16) | (0x10c << 20));
+        assert_eq!(c.u32_at(0x10c), 0x0001 | (2 << 16));
+        assert_eq!(
+            walk_ext_capabilities(c.bytes()).unwrap(),
+            vec![(0x000b, 1, 0x100), (0x0001, 2, 0x10c)]
+        );
+        // Headers are read-only, bodies follow their masks.
+        c.write(0x100, &[0; 4]).unwrap();
+        c.write(0x110, &[0x5a; 4]).unwrap();
+        assert_eq!(c.u16_at(0x100), 0x000b);
+        assert_eq!(c.u32_at(0x110), 0x5a5a_5a5a);
+        // Loop detection.
+        let mut img = c.bytes().to_vec();
+        img[0x10e] = 0x00;
+        img[0x10f] = 0x10;
+        assert_eq!(walk_ext_capabilities(&img), Err(CapWalkError::Loop(0x100)));
+    }
+
+    #[test]
+    fn ext_caps_need_the_express_space() {
+        let mut c = ConfigSpace::new(ConfigSize::Conventional);
+        let cap = ExtCapability::raw(1, 1, vec![0; 4], vec![0; 4], vec![0; 4]).unwrap();
+        assert!(matches!(
+            install_ext(&mut c, &[cap]),
+            Err(CapError::NoRoom { offset: 0x100, .. })
+        ));
+        assert!(ExtCapability::raw(1, 16, vec![], vec![], vec![]).is_err());
+        assert!(ExtCapability::raw(1, 1, vec![0; 4000], vec![0; 4000], vec![0; 4000]).is_err());
     }
 }

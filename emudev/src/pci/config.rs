@@ -33,6 +33,8 @@ pub mod reg {
     pub const CAP_START: usize = 0x40;
     /// First byte of the PCI Express extended space.
     pub const EXT_CAP_START: usize = 0x100;
+    /// End of the PCI Express extended space.
+    pub const EXT_CAP_SPACE_END: usize = 0x1000;
 }
 
 /// Command register bits.
@@ -88,7 +90,11 @@ impl ConfigSize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ConfigError {
     #[error("config space access at {offset:#x} len {len} outside the {size}-byte space")]
-    OutOfRange { offset: u64, len: usize, size: usize },
+    OutOfRange {
+        offset: u64,
+        len: usize,
+        size: usize,
+    },
 }
 
 /// The identity registers of a function.
@@ -273,10 +279,8 @@ impl ConfigSpace {
 
     /// Make extra command bits writable (I/O or memory decode, added with BARs).
     pub fn allow_command_bits(&mut self, bits: u16) -> Result<(), ConfigError> {
-        let cur = u16::from_le_bytes([
-            self.wmask_at(reg::COMMAND),
-            self.wmask_at(reg::COMMAND + 1),
-        ]);
+        let cur =
+            u16::from_le_bytes([self.wmask_at(reg::COMMAND), self.wmask_at(reg::COMMAND + 1)]);
         self.set_wmask(reg::COMMAND, &(cur | bits).to_le_bytes())
     }
 }

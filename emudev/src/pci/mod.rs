@@ -11,7 +11,7 @@
 //! - `config`: the raw type-0 config space with per-bit write and write-1-to-clear masks.
 //! - `bar`: BAR and expansion ROM definitions and their sizing masks.
 //! - `caps`: capability bodies (vendor, MSI-X, PCI Express, power management), the chain
-//!   builder and a chain walker.
+//!   builder and chain walkers, plus raw extended capabilities (0x100+, 4096-byte spaces).
 //! - `msix`: the MSI-X table, PBA and per-vector delivery, shareable with poller threads.
 //! - `irq`: eventfd sinks, the INTx line and single-vector lines (ERR, REQ).
 //! - `device`: [`PciDevice`] and its builder, tying the above together.
@@ -25,9 +25,13 @@ mod msix;
 
 pub use bar::{BarDef, BarKind, RomBar, BAR_COUNT};
 pub use caps::{
-    cap_id, walk_capabilities, CapInfo, CapWalkError, Capability, PcieCapConfig, PowerState,
+    cap_id, walk_capabilities, walk_ext_capabilities, CapError, CapInfo, CapWalkError, Capability,
+    ExtCapInfo, ExtCapability, PcieCapConfig, PowerState,
 };
 pub use config::{command, reg, status, ConfigError, ConfigSize, ConfigSpace, PciIds};
 pub use device::{ConfigEvent, MsixLayout, PciDevice, PciDeviceBuilder, PciError};
 pub use irq::{EventFd, IntxLine, IrqLine};
-pub use msix::{Delivery, MsiSink, Msix, MsixError, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS};
+pub use msix::{Delivery, MsiSink, Msix, MsixEntry, MsixError, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS};
+
+#[cfg(test)]
+mod golden;

@@ -145,7 +145,7 @@ pub trait CommonCfgHooks {
 
 /// Driver-visible configuration of one virtqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueConfig {
+pub struct QueueRegs {
     /// Largest size the device supports; 0 means the queue is unavailable.
     pub max_size: u16,
     /// Current size (the driver may shrink it while the queue is disabled).
@@ -162,7 +162,7 @@ pub struct QueueConfig {
     pub device: u64,
 }
 
-impl QueueConfig {
+impl QueueRegs {
     fn new(max_size: u16) -> Self {
         Self {
             max_size,
@@ -191,7 +191,7 @@ pub struct CommonCfg {
     status: u8,
     config_generation: u8,
     queue_select: u16,
-    queues: Vec<QueueConfig>,
+    queues: Vec<QueueRegs>,
     msix_table_size: u16,
 }
 
@@ -227,7 +227,7 @@ impl CommonCfg {
             queue_select: 0,
             queues: queue_max_sizes
                 .iter()
-                .map(|&m| QueueConfig::new(m.min(32768)))
+                .map(|&m| QueueRegs::new(m.min(32768)))
                 .collect(),
             msix_table_size,
         }
@@ -267,11 +267,11 @@ impl CommonCfg {
         u16::try_from(self.queues.len()).unwrap_or(u16::MAX)
     }
     /// Configuration of queue `index`.
-    pub fn queue(&self, index: u16) -> Option<&QueueConfig> {
+    pub fn queue(&self, index: u16) -> Option<&QueueRegs> {
         self.queues.get(usize::from(index))
     }
     /// All queue configurations, by index.
-    pub fn queues(&self) -> &[QueueConfig] {
+    pub fn queues(&self) -> &[QueueRegs] {
         &self.queues
     }
 
@@ -360,13 +360,13 @@ impl CommonCfg {
         self.write_reg(reg, u32::from_le_bytes(buf), hooks);
     }
 
-    fn selected(&self) -> Option<&QueueConfig> {
+    fn selected(&self) -> Option<&QueueRegs> {
         self.queues.get(usize::from(self.queue_select))
     }
 
     fn read_reg(&self, reg: Reg) -> u32 {
         let q = self.selected();
-        let qf = |f: fn(&QueueConfig) -> u32| q.map(f).unwrap_or(0);
+        let qf = |f: fn(&QueueRegs) -> u32| q.map(f).unwrap_or(0);
         match reg {
             Reg::DeviceFeatureSelect => self.device_feature_select,
             Reg::DeviceFeature => match self.device_feature_select {
@@ -497,7 +497,7 @@ impl CommonCfg {
     }
 
     /// The selected queue if it exists and is disabled (its fields are writable).
-    fn disabled_queue_mut(&mut self) -> Option<&mut QueueConfig> {
+    fn disabled_queue_mut(&mut self) -> Option<&mut QueueRegs> {
         let q = self.queues.get_mut(usize::from(self.queue_select))?;
         if q.enabled || q.max_size == 0 {
             debug!("common cfg: queue field write while enabled or unavailable ignored");
@@ -568,5 +568,365 @@ impl CommonCfg {
             return false;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Ev {
+        DriverOk,
+        Enabled(u16),
+        QueueReset(u16),
+        DeviceReset,
+    }
+
+    #[derive(Default)]
+    struct Hooks {
+        events: Vec<Ev>,
+        refuse_features: bool,
+        refuse_vector: Option<u16>,
+    }
+
+    impl CommonCfgHooks for Hooks {
+        fn features_ok(&mut self, _features: u64) -> bool {
+            !self.refuse_features
+        }
+        fn vector_ok(&mut self, v: u16) -> bool {
+            self.refuse_vector != Some(v)
+        }
+        fn driver_ok(&mut self, cfg: &CommonCfg) {
+            assert!(cfg.driver_ok(), "hook runs after the bit is set");
+            self.events.push(Ev::DriverOk);
+        }
+        fn queue_enabled(&mut self, cfg: &CommonCfg, index: u16) {
+            assert!(cfg.queue(index).is_some_and(|q| q.enabled));
+            self.events.push(Ev::Enabled(index));
+        }
+        fn queue_reset(&mut self, index: u16) {
+            self.events.push(Ev::QueueReset(index));
+        }
+        fn device_reset(&mut self) {
+            self.events.push(Ev::DeviceReset);
+        }
+    }
+
+    const OFFERED: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_RESET | 0b110;
+
+    fn cfg() -> CommonCfg {
+        CommonCfg::new(OFFERED, &[256, 128, 0], 4)
+    }
+
+    fn r(c: &CommonCfg, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        c.read(off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn w(c: &mut CommonCfg, h: &mut Hooks, off: u64, len: usize, v: u64) {
+        c.write(off, &v.to_le_bytes()[..len], h);
+    }
+
+    /// Negotiate `features` and set FEATURES_OK; returns the status read back.
+    fn negotiate(c: &mut CommonCfg, h: &mut Hooks, features: u64) -> u8 {
+        w(c, h, offset::DEVICE_STATUS, 1, 0);
+        w(c, h, offset::DEVICE_STATUS, 1, 3);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 0);
+        w(c, h, offset::DRIVER_FEATURE, 4, features & 0xffff_ffff);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 1);
+        w(c, h, offset::DRIVER_FEATURE, 4, features >> 32);
+        w(c, h, offset::DEVICE_STATUS, 1, 0xb);
+        r(c, offset::DEVICE_STATUS, 1) as u8
+    }
+
+    #[test]
+    fn register_table_is_contiguous() {
+        let mut next = 0;
+        for &(o, w, _) in &REGS {
+            assert_eq!(o, next);
+            assert_eq!(o % w, 0, "naturally aligned");
+            next = o + w;
+        }
+        assert_eq!(next, COMMON_CFG_LEN);
+    }
+
+    #[test]
+    fn device_feature_windows() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        assert_eq!(r(c, offset::DEVICE_FEATURE, 4), OFFERED & 0xffff_ffff);
+        w(c, h, offset::DEVICE_FEATURE_SELECT, 4, 1);
+        assert_eq!(r(c, offset::DEVICE_FEATURE_SELECT, 4), 1);
+        assert_eq!(r(c, offset::DEVICE_FEATURE, 4), OFFERED >> 32);
+        w(c, h, offset::DEVICE_FEATURE_SELECT, 4, 2);
+        assert_eq!(r(c, offset::DEVICE_FEATURE, 4), 0);
+        // Read-only: a write changes nothing.
+        w(c, h, offset::DEVICE_FEATURE_SELECT, 4, 0);
+        w(c, h, offset::DEVICE_FEATURE, 4, 0xdead);
+        assert_eq!(r(c, offset::DEVICE_FEATURE, 4), OFFERED & 0xffff_ffff);
+    }
+
+    #[test]
+    fn driver_feature_windows_and_freeze_after_features_ok() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 1);
+        w(c, h, offset::DRIVER_FEATURE, 4, 1);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 0);
+        w(c, h, offset::DRIVER_FEATURE, 4, 2);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 5);
+        w(c, h, offset::DRIVER_FEATURE, 4, 0xffff_ffff);
+        assert_eq!(r(c, offset::DRIVER_FEATURE, 4), 0);
+        assert_eq!(c.driver_features(), VIRTIO_F_VERSION_1 | 2);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 1);
+        assert_eq!(r(c, offset::DRIVER_FEATURE, 4), 1);
+
+        assert_eq!(negotiate(c, h, VIRTIO_F_VERSION_1 | 4), 0xb);
+        w(c, h, offset::DRIVER_FEATURE_SELECT, 4, 0);
+        w(c, h, offset::DRIVER_FEATURE, 4, 2);
+        assert_eq!(c.driver_features(), VIRTIO_F_VERSION_1 | 4);
+    }
+
+    #[test]
+    fn features_ok_refusals() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        // Not offered.
+        assert_eq!(negotiate(c, h, VIRTIO_F_VERSION_1 | 1), 3);
+        // Missing VERSION_1.
+        assert_eq!(negotiate(c, h, 2), 3);
+        // Device-type check.
+        h.refuse_features = true;
+        assert_eq!(negotiate(c, h, VIRTIO_F_VERSION_1), 3);
+        h.refuse_features = false;
+        assert_eq!(negotiate(c, h, VIRTIO_F_VERSION_1 | 2), 0xb);
+    }
+
+    #[test]
+    fn driver_ok_needs_features_ok_and_bits_are_sticky() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        w(c, h, offset::DEVICE_STATUS, 1, 3);
+        w(c, h, offset::DEVICE_STATUS, 1, 7);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 3);
+        assert!(h.events.is_empty());
+        assert_eq!(negotiate(c, h, VIRTIO_F_VERSION_1), 0xb);
+        w(c, h, offset::DEVICE_STATUS, 1, 0xf);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0xf);
+        assert_eq!(h.events, vec![Ev::DeviceReset, Ev::DriverOk]);
+        // Clearing bits (not a reset) is not honoured; FAILED is added.
+        w(c, h, offset::DEVICE_STATUS, 1, 0x81);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0x8f);
+        // The driver cannot set DEVICE_NEEDS_RESET; the device can.
+        w(c, h, offset::DEVICE_STATUS, 1, 0xcf);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0x8f);
+        assert!(c.set_needs_reset());
+        assert!(!c.set_needs_reset(), "only the first error notifies");
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0xcf);
+        assert_eq!(h.events.iter().filter(|e| **e == Ev::DriverOk).count(), 1);
+    }
+
+    #[test]
+    fn reset_stops_queues_before_registers_clear() {
+        /// Records that the stop ran inside the write, before the registers were cleared.
+        struct Check<'a> {
+            cfg_status: &'a mut Option<u8>,
+        }
+        impl CommonCfgHooks for Check<'_> {
+            fn features_ok(&mut self, _: u64) -> bool {
+                true
+            }
+            fn driver_ok(&mut self, _: &CommonCfg) {}
+            fn queue_enabled(&mut self, _: &CommonCfg, _: u16) {}
+            fn queue_reset(&mut self, _: u16) {}
+            fn device_reset(&mut self) {
+                *self.cfg_status = Some(0xff);
+            }
+        }
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        negotiate(c, h, VIRTIO_F_VERSION_1);
+        w(c, h, offset::QUEUE_MSIX_VECTOR, 2, 1);
+        w(c, h, offset::CONFIG_MSIX_VECTOR, 2, 0);
+        w(c, h, offset::QUEUE_SIZE, 2, 64);
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        w(c, h, offset::DEVICE_STATUS, 1, 0xf);
+        c.bump_generation();
+        let mut seen = None;
+        c.write(offset::DEVICE_STATUS, &[0], &mut Check { cfg_status: &mut seen });
+        assert_eq!(seen, Some(0xff), "device_reset hook ran");
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 256);
+        assert_eq!(r(c, offset::QUEUE_MSIX_VECTOR, 2), 0xffff);
+        assert_eq!(r(c, offset::CONFIG_MSIX_VECTOR, 2), 0xffff);
+        assert_eq!(c.driver_features(), 0);
+        assert_eq!(r(c, offset::CONFIG_GENERATION, 1), 1, "generation survives reset");
+    }
+
+    #[test]
+    fn queue_size_rules() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        assert_eq!(r(c, offset::NUM_QUEUES, 2), 3);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 256);
+        w(c, h, offset::QUEUE_SIZE, 2, 128);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 128);
+        for bad in [0, 100, 512, 0xffff] {
+            w(c, h, offset::QUEUE_SIZE, 2, bad);
+            assert_eq!(r(c, offset::QUEUE_SIZE, 2), 128, "size {bad} refused");
+        }
+        w(c, h, offset::QUEUE_SIZE, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 1);
+        // Unavailable queue (max 0) and out-of-range select read 0 and ignore writes.
+        for sel in [2, 3, 0xffff] {
+            w(c, h, offset::QUEUE_SELECT, 2, sel);
+            assert_eq!(r(c, offset::QUEUE_SELECT, 2), sel);
+            w(c, h, offset::QUEUE_SIZE, 2, 64);
+            assert_eq!(r(c, offset::QUEUE_SIZE, 2), 0);
+            w(c, h, offset::QUEUE_DESC_LO, 4, 0x1000);
+            assert_eq!(r(c, offset::QUEUE_DESC_LO, 4), 0);
+            assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0);
+        }
+    }
+
+    #[test]
+    fn packed_ring_allows_any_size() {
+        let c = &mut CommonCfg::new(OFFERED | VIRTIO_F_RING_PACKED, &[256], 2);
+        let h = &mut Hooks::default();
+        negotiate(c, h, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED);
+        w(c, h, offset::QUEUE_SIZE, 2, 100);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 100);
+    }
+
+    #[test]
+    fn queue_addresses_as_halves_and_frozen_while_enabled() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        w(c, h, offset::QUEUE_SELECT, 2, 1);
+        w(c, h, offset::QUEUE_DESC_LO, 4, 0x1000);
+        w(c, h, offset::QUEUE_DESC_HI, 4, 0x2);
+        // 8-byte access is split into lo/hi dwords.
+        w(c, h, offset::QUEUE_DRIVER_LO, 8, 0x3_0000_2000);
+        w(c, h, offset::QUEUE_DEVICE_HI, 4, 0x4);
+        w(c, h, offset::QUEUE_DEVICE_LO, 4, 0x3000);
+        assert_eq!(r(c, offset::QUEUE_DESC_LO, 8), 0x2_0000_1000);
+        assert_eq!(r(c, offset::QUEUE_DRIVER_HI, 4), 3);
+        assert_eq!(r(c, offset::QUEUE_DEVICE_LO, 4), 0x3000);
+        let q = c.queue(1).cloned().unwrap_or_else(|| QueueRegs::new(0));
+        assert_eq!((q.desc, q.driver, q.device), (0x2_0000_1000, 0x3_0000_2000, 0x4_0000_3000));
+
+        // Enable before FEATURES_OK is ignored.
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0);
+        negotiate(c, h, VIRTIO_F_VERSION_1);
+        w(c, h, offset::QUEUE_SELECT, 2, 1);
+        w(c, h, offset::QUEUE_DESC_LO, 4, 0x1000);
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 1);
+        assert_eq!(h.events.last(), Some(&Ev::Enabled(1)));
+        w(c, h, offset::QUEUE_DESC_LO, 4, 0x5000);
+        w(c, h, offset::QUEUE_SIZE, 2, 64);
+        assert_eq!(r(c, offset::QUEUE_DESC_LO, 4), 0x1000);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 128);
+        // Writing 0 does not disable; enabling twice does not re-run the hook.
+        w(c, h, offset::QUEUE_ENABLE, 2, 0);
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 1);
+        assert_eq!(h.events.iter().filter(|e| **e == Ev::Enabled(1)).count(), 1);
+    }
+
+    #[test]
+    fn msix_vector_read_back() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        w(c, h, offset::CONFIG_MSIX_VECTOR, 2, 3);
+        assert_eq!(r(c, offset::CONFIG_MSIX_VECTOR, 2), 3);
+        w(c, h, offset::CONFIG_MSIX_VECTOR, 2, 4);
+        assert_eq!(r(c, offset::CONFIG_MSIX_VECTOR, 2), 0xffff);
+        w(c, h, offset::QUEUE_MSIX_VECTOR, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_MSIX_VECTOR, 2), 1);
+        h.refuse_vector = Some(2);
+        w(c, h, offset::QUEUE_MSIX_VECTOR, 2, 2);
+        assert_eq!(r(c, offset::QUEUE_MSIX_VECTOR, 2), 0xffff);
+        w(c, h, offset::QUEUE_MSIX_VECTOR, 2, 0x800);
+        assert_eq!(r(c, offset::QUEUE_MSIX_VECTOR, 2), 0xffff);
+        // No MSI-X table: nothing maps.
+        let c2 = &mut CommonCfg::new(OFFERED, &[8], 0);
+        w(c2, h, offset::QUEUE_MSIX_VECTOR, 2, 0);
+        assert_eq!(r(c2, offset::QUEUE_MSIX_VECTOR, 2), 0xffff);
+    }
+
+    #[test]
+    fn queue_reset_needs_ring_reset_feature() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        negotiate(c, h, VIRTIO_F_VERSION_1);
+        w(c, h, offset::QUEUE_SIZE, 2, 64);
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        w(c, h, offset::QUEUE_RESET, 2, 1);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 1, "no RING_RESET: ignored");
+        assert!(!h.events.contains(&Ev::QueueReset(0)));
+
+        negotiate(c, h, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_RESET);
+        w(c, h, offset::QUEUE_SIZE, 2, 64);
+        w(c, h, offset::QUEUE_MSIX_VECTOR, 2, 2);
+        w(c, h, offset::QUEUE_DESC_LO, 4, 0x1000);
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        w(c, h, offset::DEVICE_STATUS, 1, 0xf);
+        w(c, h, offset::QUEUE_RESET, 2, 1);
+        assert_eq!(h.events.last(), Some(&Ev::QueueReset(0)));
+        assert_eq!(r(c, offset::QUEUE_RESET, 2), 0);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 256);
+        assert_eq!(r(c, offset::QUEUE_DESC_LO, 4), 0);
+        assert_eq!(r(c, offset::QUEUE_MSIX_VECTOR, 2), 0xffff);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0xf, "device keeps running");
+        // Re-enable after reset.
+        w(c, h, offset::QUEUE_ENABLE, 2, 1);
+        assert_eq!(h.events.last(), Some(&Ev::Enabled(0)));
+    }
+
+    #[test]
+    fn access_widths() {
+        let c = &mut cfg();
+        let h = &mut Hooks::default();
+        w(c, h, offset::QUEUE_SELECT, 2, 1);
+        // Byte reads of a 16-bit register compose.
+        assert_eq!(r(c, offset::QUEUE_SIZE, 1), 128);
+        assert_eq!(r(c, offset::QUEUE_SIZE + 1, 1), 0);
+        // A dword read across two registers: queue_size | queue_msix_vector << 16.
+        assert_eq!(r(c, offset::QUEUE_SIZE, 4), 0xffff_0080);
+        // num_queues + status + generation as one dword at 0x10.
+        assert_eq!(r(c, 0x10, 4), 0x0003_ffff);
+        // Misaligned or odd widths read 0.
+        assert_eq!(r(c, offset::QUEUE_SIZE + 1, 2), 0);
+        assert_eq!(r(c, 0x01, 4), 0);
+        let mut three = [0xaau8; 3];
+        c.read(0x18, &mut three);
+        assert_eq!(three, [0; 3]);
+        // Beyond the registers.
+        assert_eq!(r(c, 0x40, 4), 0);
+        assert_eq!(r(c, 0xffc, 4), 0);
+        assert_eq!(r(c, u64::MAX & !3, 4), 0);
+        // Writes must match the register width: a byte write into queue_size is ignored,
+        // and so is a dword write covering queue_select + queue_size.
+        w(c, h, offset::QUEUE_SIZE, 1, 64);
+        assert_eq!(r(c, offset::QUEUE_SIZE, 2), 128);
+        w(c, h, 0x14, 4, 0x0001_0003);
+        assert_eq!(r(c, offset::DEVICE_STATUS, 1), 0);
+        assert_eq!(r(c, offset::QUEUE_SELECT, 2), 1);
+        w(c, h, u64::MAX - 7, 8, 1);
+        // Read-only registers.
+        w(c, h, offset::NUM_QUEUES, 2, 9);
+        w(c, h, offset::CONFIG_GENERATION, 1, 9);
+        w(c, h, offset::QUEUE_NOTIFY_OFF, 2, 9);
+        assert_eq!(r(c, offset::NUM_QUEUES, 2), 3);
+        assert_eq!(r(c, offset::CONFIG_GENERATION, 1), 0);
+        assert_eq!(r(c, offset::QUEUE_NOTIFY_OFF, 2), 1);
+        assert_eq!(r(c, offset::QUEUE_NOTIFY_DATA, 2), 1);
+        assert_eq!(r(c, offset::ADMIN_QUEUE_NUM, 2), 0);
     }
 }

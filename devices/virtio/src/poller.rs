@@ -1,0 +1,854 @@
+//! Polling threads that run the virtqueues of one or more devices.
+//!
+//! Each thread owns several queues (assigned round-robin) and loops: process every active
+//! queue in bursts through its [`QueueHandler`], publish the burst's completions with one
+//! `flush_used`, and raise interrupts per the [`IrqPolicy`]. After `idle_before_sleep` without
+//! work it re-enables driver notifications, re-checks the rings (no lost kick), and sleeps in
+//! `poll(2)` on the kick eventfds, handler wake fds and its control eventfd.
+//!
+//! Control (add/stop queue, memory change, pause/resume) arrives on a channel and is applied
+//! between bursts, so acks come within one loop iteration plus the time in-flight requests of
+//! the device need to finish. A broken ring stops only its own queue and is reported through
+//! the engine's error callback.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender, TryRecvError};
+use emudev::GuestMemory;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::engine::{
+    Completer, Completion, Engine, EngineError, Kick, Notifier, QueueErrorCallback,
+};
+use crate::queue::{Queue, QueueConfig, QueueState};
+
+/// The device-specific work on one queue (virtio-blk, virtio-net, ...).
+pub trait QueueHandler: Send {
+    /// Pop and handle up to `budget` chains and/or reap finished requests, staging their
+    /// completions with `q.add_used`. Returns the work done (0 = idle). The poller flushes.
+    /// Ring errors from `q.pop()` are recorded in the queue; just return.
+    fn process(&mut self, q: &mut Queue, budget: usize) -> usize;
+
+    /// Reap finished requests without popping new ones (while the queue stops or the device
+    /// quiesces). Synchronous handlers keep the default.
+    fn poll_completions(&mut self, _q: &mut Queue) -> usize {
+        0
+    }
+
+    /// Requests popped but not yet completed.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// An fd that becomes readable when in-flight requests finish (e.g. an io_uring or AIO
+    /// eventfd), so the poller can sleep while requests are in flight.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// The queue switched to a new memory snapshot (no request was in flight).
+    fn memory_changed(&mut self, _mem: &Arc<GuestMemory>) {}
+}
+
+/// Builds the handler of each started queue.
+pub type HandlerFactory = Box<dyn FnMut(u16, &Queue) -> Box<dyn QueueHandler> + Send>;
+
+/// When used-buffer interrupts are raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqPolicy {
+    /// Right after each burst's flush (lowest latency).
+    EndOfBurst,
+    /// Once per loop iteration, after all queues of the thread were processed.
+    EndOfIteration,
+    /// After `max_completions` completions or `max_delay`, whichever comes first (and always
+    /// before sleeping).
+    Coalesce {
+        max_completions: u32,
+        max_delay: Duration,
+    },
+}
+
+/// Tuning of the poller threads.
+#[derive(Debug, Clone, Copy)]
+pub struct PollerConfig {
+    /// Chains handed to a handler per burst.
+    pub budget: usize,
+    /// Polling without work for this long puts the thread to sleep.
+    pub idle_before_sleep: Duration,
+    pub irq: IrqPolicy,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        Self {
+            budget: 64,
+            idle_before_sleep: Duration::from_micros(50),
+            irq: IrqPolicy::EndOfBurst,
+        }
+    }
+}
+
+/// Per-queue counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Work units (requests) handlers reported.
+    pub requests: AtomicU64,
+    /// Kick eventfd signals consumed.
+    pub kicks: AtomicU64,
+    pub interrupts: AtomicU64,
+    /// Handler invocations.
+    pub polls: AtomicU64,
+    /// Thread time spent awake (polling) while this queue was on it.
+    pub poll_ns: AtomicU64,
+    /// Thread time spent asleep while this queue was on it.
+    pub sleep_ns: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Per-thread counters.
+#[derive(Debug, Default)]
+pub struct ThreadStats {
+    pub iterations: AtomicU64,
+    pub sleeps: AtomicU64,
+    pub poll_ns: AtomicU64,
+    pub sleep_ns: AtomicU64,
+}
+
+/// Waits for several threads to acknowledge one operation.
+struct Countdown {
+    left: AtomicUsize,
+    done: Mutex<Option<Completer<()>>>,
+}
+
+impl Countdown {
+    fn new(n: usize) -> (Arc<Self>, Completion<()>) {
+        let (c, done) = Completion::pair();
+        let cd = Arc::new(Self {
+            left: AtomicUsize::new(n),
+            done: Mutex::new(Some(c)),
+        });
+        if n == 0 {
+            cd.finish();
+        }
+        (cd, done)
+    }
+
+    fn finish(&self) {
+        if let Ok(mut g) = self.done.lock() {
+            if let Some(c) = g.take() {
+                c.complete(Ok(()));
+            }
+        }
+    }
+
+    fn arrive(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish();
+        }
+    }
+}
+
+type QueueKey = (u64, u16);
+
+enum Ctl {
+    AddQueue(Box<Slot>, Completer<()>),
+    StopQueue(QueueKey, Completer<QueueState>),
+    StopDevice(u64, Arc<Countdown>),
+    Memory(u64, Arc<GuestMemory>, Arc<Countdown>),
+    Pause(u64, Arc<Countdown>),
+    Resume(u64, Arc<Countdown>),
+    Shutdown,
+}
+
+struct ThreadHandle {
+    tx: Sender<Ctl>,
+    wake: Arc<EventFd>,
+    join: Option<JoinHandle<()>>,
+    stats: Arc<ThreadStats>,
+    tid: Arc<AtomicI32>,
+}
+
+/// A set of poller threads shared by devices.
+pub struct PollerPool {
+    threads: Vec<ThreadHandle>,
+    next_thread: AtomicUsize,
+    next_dev: AtomicU64,
+}
+
+impl std::fmt::Debug for PollerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollerPool")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl PollerPool {
+    /// `n_threads` poller threads (at least one) with the default configuration.
+    pub fn new(n_threads: usize) -> std::io::Result<Arc<Self>> {
+        Self::with_config(n_threads, PollerConfig::default())
+    }
+
+    pub fn with_config(n_threads: usize, cfg: PollerConfig) -> std::io::Result<Arc<Self>> {
+        let mut threads = Vec::new();
+        for i in 0..n_threads.max(1) {
+            let (tx, rx) = unbounded();
+            let wake = Arc::new(
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                    .map_err(std::io::Error::from)?,
+            );
+            let stats = Arc::new(ThreadStats::default());
+            let tid = Arc::new(AtomicI32::new(0));
+            let mut w = Worker {
+                rx,
+                wake: wake.clone(),
+                cfg,
+                slots: Vec::new(),
+                devs: HashMap::new(),
+                tombstones: HashMap::new(),
+                stats: stats.clone(),
+                pollfds: Vec::new(),
+                device_stops: Vec::new(),
+            };
+            let t = tid.clone();
+            let join = std::thread::Builder::new()
+                .name(format!("vq-poller-{i}"))
+                .spawn(move || {
+                    t.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+                    w.run();
+                })?;
+            threads.push(ThreadHandle {
+                tx,
+                wake,
+                join: Some(join),
+                stats,
+                tid,
+            });
+        }
+        Ok(Arc::new(Self {
+            threads,
+            next_thread: AtomicUsize::new(0),
+            next_dev: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn thread_stats(&self, i: usize) -> Option<Arc<ThreadStats>> {
+        self.threads.get(i).map(|t| t.stats.clone())
+    }
+
+    /// Kernel thread id of poller `i` (0 until the thread started).
+    pub fn thread_tid(&self, i: usize) -> Option<i32> {
+        self.threads.get(i).map(|t| t.tid.load(Ordering::Acquire))
+    }
+
+    /// CPU time consumed so far by poller thread `i`.
+    pub fn thread_cpu_time(&self, i: usize) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let h = self.threads.get(i)?.join.as_ref()?;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the pthread handle belongs to a thread we have not joined yet (joined only
+        // in Drop), and `clock` is a valid out pointer.
+        let rc = unsafe { libc::pthread_getcpuclockid(h.as_pthread_t(), &mut clock) };
+        if rc != 0 {
+            return None;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out pointer; `clock` came from pthread_getcpuclockid.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    fn send(&self, t: usize, msg: Ctl) -> Result<(), EngineError> {
+        let th = self.threads.get(t).ok_or(EngineError::Shutdown)?;
+        th.tx.send(msg).map_err(|_| EngineError::Shutdown)?;
+        let _ = th.wake.write(1);
+        Ok(())
+    }
+
+    /// Send one message per thread, built by `f`, with a shared countdown.
+    fn broadcast(&self, f: impl Fn(Arc<Countdown>) -> Ctl) -> Completion<()> {
+        let (cd, done) = Countdown::new(self.threads.len());
+        for t in 0..self.threads.len() {
+            if self.send(t, f(cd.clone())).is_err() {
+                cd.arrive();
+            }
+        }
+        done
+    }
+
+    /// An engine for one device whose queue handlers `factory` builds.
+    pub fn engine(self: &Arc<Self>, factory: HandlerFactory) -> PollerEngine {
+        PollerEngine {
+            pool: self.clone(),
+            dev: self.next_dev.fetch_add(1, Ordering::Relaxed),
+            factory,
+            features: 0,
+            mem: Arc::new(GuestMemory::empty()),
+            queues: HashMap::new(),
+            bases: HashMap::new(),
+            on_error: Arc::new(|q, e| log::error!("virtqueue {q} stopped: {e}")),
+        }
+    }
+}
+
+impl Drop for PollerPool {
+    fn drop(&mut self) {
+        for t in &self.threads {
+            let _ = t.tx.send(Ctl::Shutdown);
+            let _ = t.wake.write(1);
+        }
+        for t in &mut self.threads {
+            if let Some(j) = t.join.take() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+struct QueueEntry {
+    thread: usize,
+    kick: Kick,
+    stats: Arc<QueueStats>,
+}
+
+/// The built-in [`Engine`]: runs a device's queues on a [`PollerPool`].
+pub struct PollerEngine {
+    pool: Arc<PollerPool>,
+    dev: u64,
+    factory: HandlerFactory,
+    features: u64,
+    mem: Arc<GuestMemory>,
+    queues: HashMap<u16, QueueEntry>,
+    bases: HashMap<u16, QueueState>,
+    on_error: QueueErrorCallback,
+}
+
+impl std::fmt::Debug for PollerEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollerEngine")
+            .field("dev", &self.dev)
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl PollerEngine {
+    /// Counters of a started queue.
+    pub fn queue_stats(&self, qidx: u16) -> Option<Arc<QueueStats>> {
+        self.queues.get(&qidx).map(|q| q.stats.clone())
+    }
+
+    /// Stop popping new requests on every queue of this device; completes once none is in
+    /// flight.
+    pub fn pause(&mut self) -> Completion {
+        let dev = self.dev;
+        self.pool.broadcast(|cd| Ctl::Pause(dev, cd))
+    }
+
+    /// Undo [`PollerEngine::pause`].
+    pub fn resume(&mut self) -> Completion {
+        let dev = self.dev;
+        self.pool.broadcast(|cd| Ctl::Resume(dev, cd))
+    }
+}
+
+impl Engine for PollerEngine {
+    fn features_changed(&mut self, features: u64) -> Completion {
+        self.features = features;
+        Completion::ready(Ok(()))
+    }
+
+    fn memory_changed(&mut self, mem: Arc<GuestMemory>) -> Completion {
+        self.mem = mem.clone();
+        let dev = self.dev;
+        self.pool.broadcast(|cd| Ctl::Memory(dev, mem.clone(), cd))
+    }
+
+    fn queue_start(
+        &mut self,
+        qidx: u16,
+        cfg: QueueConfig,
+        notifier: Arc<dyn Notifier>,
+        kick: Kick,
+    ) -> Completion {
+        if self.queues.contains_key(&qidx) {
+            return Completion::ready(Err(EngineError::QueueAlreadyStarted(qidx)));
+        }
+        let base = self.bases.remove(&qidx).unwrap_or_default();
+        let mut queue = match Queue::with_state(cfg, self.features, self.mem.clone(), base) {
+            Ok(q) => q,
+            Err(err) => return Completion::ready(Err(EngineError::Queue { qidx, err })),
+        };
+        queue.disable_notifications();
+        let handler = (self.factory)(qidx, &queue);
+        let stats = Arc::new(QueueStats::default());
+        let n = self.pool.thread_count().max(1);
+        let thread = self.pool.next_thread.fetch_add(1, Ordering::Relaxed) % n;
+        let slot = Box::new(Slot {
+            dev: self.dev,
+            qidx,
+            queue,
+            handler,
+            notifier,
+            kick: kick.clone(),
+            stats: stats.clone(),
+            on_error: self.on_error.clone(),
+            stopping: None,
+            irq_pending: false,
+            irq_count: 0,
+            irq_since: None,
+        });
+        let (c, done) = Completion::pair();
+        if let Err(e) = self.pool.send(thread, Ctl::AddQueue(slot, c)) {
+            return Completion::ready(Err(e));
+        }
+        self.queues.insert(
+            qidx,
+            QueueEntry {
+                thread,
+                kick,
+                stats,
+            },
+        );
+        done
+    }
+
+    fn queue_stop(&mut self, qidx: u16) -> Completion<QueueState> {
+        let Some(e) = self.queues.remove(&qidx) else {
+            return Completion::ready(Err(EngineError::QueueNotStarted(qidx)));
+        };
+        let (c, done) = Completion::pair();
+        if let Err(err) = self.pool.send(e.thread, Ctl::StopQueue((self.dev, qidx), c)) {
+            return Completion::ready(Err(err));
+        }
+        done
+    }
+
+    fn set_queue_base(&mut self, qidx: u16, state: QueueState) {
+        self.bases.insert(qidx, state);
+    }
+
+    fn kick(&mut self, qidx: u16) {
+        if let Some(e) = self.queues.get(&qidx) {
+            e.kick.signal();
+        }
+    }
+
+    fn set_error_callback(&mut self, cb: QueueErrorCallback) {
+        self.on_error = cb;
+    }
+
+    fn destroy(&mut self) -> Completion {
+        self.queues.clear();
+        let dev = self.dev;
+        self.pool.broadcast(|cd| Ctl::StopDevice(dev, cd))
+    }
+}
+
+impl Drop for PollerEngine {
+    fn drop(&mut self) {
+        if !self.queues.is_empty() {
+            let _ = self.destroy();
+        }
+    }
+}
+
+struct Slot {
+    dev: u64,
+    qidx: u16,
+    queue: Queue,
+    handler: Box<dyn QueueHandler>,
+    notifier: Arc<dyn Notifier>,
+    kick: Kick,
+    stats: Arc<QueueStats>,
+    on_error: QueueErrorCallback,
+    stopping: Option<Completer<QueueState>>,
+    irq_pending: bool,
+    irq_count: u32,
+    irq_since: Option<Instant>,
+}
+
+impl Slot {
+    fn fire(&mut self) {
+        if self.irq_pending {
+            self.notifier.notify();
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.irq_pending = false;
+            self.irq_count = 0;
+            self.irq_since = None;
+        }
+    }
+}
+
+#[derive(Default)]
+struct DevCtl {
+    paused: bool,
+    pause_waiters: Vec<Arc<Countdown>>,
+    mem: Option<(Arc<GuestMemory>, Vec<Arc<Countdown>>)>,
+}
+
+impl DevCtl {
+    fn quiescing(&self) -> bool {
+        self.paused || self.mem.is_some()
+    }
+}
+
+struct Worker {
+    rx: Receiver<Ctl>,
+    wake: Arc<EventFd>,
+    cfg: PollerConfig,
+    slots: Vec<Slot>,
+    devs: HashMap<u64, DevCtl>,
+    /// State of queues that stopped on an error, for a later `queue_stop`.
+    tombstones: HashMap<QueueKey, QueueState>,
+    stats: Arc<ThreadStats>,
+    pollfds: Vec<libc::pollfd>,
+    /// Device stops waiting for their queues to drain.
+    device_stops: Vec<(u64, Vec<Completion<QueueState>>, Arc<Countdown>)>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut awake_since = Instant::now();
+        loop {
+            if !self.handle_ctl() {
+                return;
+            }
+            let work = self.iteration();
+            self.stats.iterations.fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if work > 0 {
+                last_work = now;
+            } else if now.duration_since(last_work) >= self.cfg.idle_before_sleep {
+                if let Some(slept) = self.try_sleep(now.duration_since(awake_since)) {
+                    awake_since = Instant::now();
+                    last_work = awake_since;
+                    let _ = slept;
+                }
+            }
+        }
+    }
+
+    /// One pass over all queues; returns the work done.
+    fn iteration(&mut self) -> usize {
+        let budget = self.cfg.budget;
+        let policy = self.cfg.irq;
+        let now = Instant::now();
+        let mut work = 0;
+        let mut broken = false;
+        for slot in &mut self.slots {
+            let quiesce = slot.stopping.is_some()
+                || self.devs.get(&slot.dev).is_some_and(DevCtl::quiescing);
+            let n = if quiesce {
+                slot.handler.poll_completions(&mut slot.queue)
+            } else {
+                slot.handler.process(&mut slot.queue, budget)
+            };
+            slot.stats.polls.fetch_add(1, Ordering::Relaxed);
+            if n > 0 {
+                work += n;
+                slot.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if slot.queue.staged() > 0 && slot.queue.flush_used() {
+                slot.irq_pending = true;
+                slot.irq_since.get_or_insert(now);
+            }
+            slot.irq_count = slot.irq_count.saturating_add(n as u32);
+            if slot.queue.error().is_some() {
+                broken = true;
+            }
+            match policy {
+                IrqPolicy::EndOfBurst => slot.fire(),
+                IrqPolicy::EndOfIteration => {}
+                IrqPolicy::Coalesce {
+                    max_completions,
+                    max_delay,
+                } => {
+                    if slot.irq_pending
+                        && (slot.irq_count >= max_completions
+                            || slot.irq_since.is_some_and(|t| now.duration_since(t) >= max_delay))
+                    {
+                        slot.fire();
+                    }
+                }
+            }
+        }
+        if policy == IrqPolicy::EndOfIteration {
+            for slot in &mut self.slots {
+                slot.fire();
+            }
+        }
+        if broken {
+            self.reap_broken();
+        }
+        self.finish_stops();
+        self.finish_quiesce();
+        if !self.device_stops.is_empty() {
+            let devs = &mut self.devs;
+            self.device_stops.retain_mut(|(dev, left, cd)| {
+                left.retain(|c| c.try_get().is_none());
+                if left.is_empty() {
+                    devs.remove(dev);
+                    cd.arrive();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        work
+    }
+
+    fn reap_broken(&mut self) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let Some(err) = self.slots[i].queue.error().cloned() else {
+                i += 1;
+                continue;
+            };
+            let mut slot = self.slots.swap_remove(i);
+            slot.fire();
+            slot.stats.errors.fetch_add(1, Ordering::Relaxed);
+            let state = slot.queue.state();
+            log::warn!("device {} queue {} broken: {err}", slot.dev, slot.qidx);
+            (slot.on_error)(slot.qidx, &err);
+            if let Some(c) = slot.stopping.take() {
+                c.complete(Ok(state));
+            } else {
+                self.tombstones.insert((slot.dev, slot.qidx), state);
+            }
+        }
+    }
+
+    fn finish_stops(&mut self) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let s = &self.slots[i];
+            if s.stopping.is_none() || s.handler.in_flight() > 0 {
+                i += 1;
+                continue;
+            }
+            let mut slot = self.slots.swap_remove(i);
+            if slot.queue.flush_used() {
+                slot.irq_pending = true;
+            }
+            slot.fire();
+            let state = slot.queue.state();
+            if let Some(c) = slot.stopping.take() {
+                c.complete(Ok(state));
+            }
+        }
+    }
+
+    fn finish_quiesce(&mut self) {
+        for (dev, ctl) in self.devs.iter_mut() {
+            if !ctl.quiescing() {
+                continue;
+            }
+            let busy = self
+                .slots
+                .iter()
+                .any(|s| s.dev == *dev && s.handler.in_flight() > 0);
+            if busy {
+                continue;
+            }
+            if let Some((mem, acks)) = ctl.mem.take() {
+                for s in self.slots.iter_mut().filter(|s| s.dev == *dev) {
+                    match s.queue.set_memory(mem.clone()) {
+                        Ok(true) => s.irq_pending = true,
+                        Ok(false) => {}
+                        Err(_) => continue, // reaped on the next iteration
+                    }
+                    s.handler.memory_changed(&mem);
+                    s.fire();
+                }
+                for a in acks {
+                    a.arrive();
+                }
+            }
+            if ctl.paused {
+                for a in ctl.pause_waiters.drain(..) {
+                    a.arrive();
+                }
+            }
+        }
+    }
+
+    /// Apply pending control messages; false on shutdown.
+    fn handle_ctl(&mut self) -> bool {
+        loop {
+            let msg = match self.rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            };
+            match msg {
+                Ctl::AddQueue(mut slot, ack) => {
+                    let key = (slot.dev, slot.qidx);
+                    self.tombstones.remove(&key);
+                    self.devs.entry(slot.dev).or_default();
+                    slot.queue.disable_notifications();
+                    self.slots.push(*slot);
+                    ack.complete(Ok(()));
+                }
+                Ctl::StopQueue(key, ack) => {
+                    if let Some(s) = self
+                        .slots
+                        .iter_mut()
+                        .find(|s| (s.dev, s.qidx) == key && s.stopping.is_none())
+                    {
+                        s.stopping = Some(ack);
+                    } else if let Some(st) = self.tombstones.remove(&key) {
+                        ack.complete(Ok(st));
+                    } else {
+                        ack.complete(Err(EngineError::QueueNotStarted(key.1)));
+                    }
+                }
+                Ctl::StopDevice(dev, cd) => {
+                    // Abandon nothing silently: wait for in-flight requests like a stop.
+                    let mut left = Vec::new();
+                    for s in self.slots.iter_mut().filter(|s| s.dev == dev) {
+                        if s.stopping.is_none() {
+                            let (c, done) = Completion::pair();
+                            s.stopping = Some(c);
+                            left.push(done);
+                        }
+                    }
+                    self.tombstones.retain(|k, _| k.0 != dev);
+                    if left.is_empty() {
+                        self.devs.remove(&dev);
+                        cd.arrive();
+                    } else {
+                        self.device_stops.push((dev, left, cd));
+                    }
+                }
+                Ctl::Memory(dev, mem, cd) => {
+                    let ctl = self.devs.entry(dev).or_default();
+                    match &mut ctl.mem {
+                        Some((m, acks)) => {
+                            *m = mem;
+                            acks.push(cd);
+                        }
+                        None => ctl.mem = Some((mem, vec![cd])),
+                    }
+                }
+                Ctl::Pause(dev, cd) => {
+                    let ctl = self.devs.entry(dev).or_default();
+                    ctl.paused = true;
+                    ctl.pause_waiters.push(cd);
+                }
+                Ctl::Resume(dev, cd) => {
+                    if let Some(ctl) = self.devs.get_mut(&dev) {
+                        ctl.paused = false;
+                        for a in ctl.pause_waiters.drain(..) {
+                            a.arrive();
+                        }
+                    }
+                    cd.arrive();
+                }
+                Ctl::Shutdown => return false,
+            }
+        }
+    }
+
+    /// Re-enable notifications and sleep if every queue is still empty. Returns the time
+    /// slept, or `None` if work showed up.
+    fn try_sleep(&mut self, awake: Duration) -> Option<Duration> {
+        for s in &mut self.slots {
+            s.fire();
+        }
+        let pending_ops = self.devs.values().any(DevCtl::quiescing)
+            && self.slots.iter().any(|s| s.handler.in_flight() > 0);
+        if pending_ops
+            || !self.device_stops.is_empty()
+            || self.slots.iter().any(|s| {
+                s.stopping.is_some() || (s.handler.in_flight() > 0 && s.handler.wake_fd().is_none())
+            })
+        {
+            return None;
+        }
+        // Drain before enabling: a kick after the enable must wake us.
+        for s in &self.slots {
+            let k = s.kick.drain();
+            if k > 0 {
+                s.stats.kicks.fetch_add(k, Ordering::Relaxed);
+            }
+        }
+        let mut busy = false;
+        for s in &mut self.slots {
+            let paused = self.devs.get(&s.dev).is_some_and(DevCtl::quiescing);
+            if !paused && s.queue.error().is_none() && s.queue.enable_notifications() {
+                busy = true;
+            }
+        }
+        if busy || self.slots.iter().any(|s| s.queue.error().is_some()) {
+            for s in &mut self.slots {
+                s.queue.disable_notifications();
+            }
+            return None;
+        }
+        self.pollfds.clear();
+        self.pollfds.push(libc::pollfd {
+            fd: self.wake.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for s in &self.slots {
+            self.pollfds.push(libc::pollfd {
+                fd: s.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            if let Some(fd) = s.handler.wake_fd() {
+                self.pollfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        let start = Instant::now();
+        if self.rx.is_empty() {
+            // SAFETY: `pollfds` is a valid array of `len` pollfd structs that outlives the
+            // call; the fds are owned by slots/self and stay open during it.
+            let _ = unsafe {
+                libc::poll(
+                    self.pollfds.as_mut_ptr(),
+                    self.pollfds.len() as libc::nfds_t,
+                    -1,
+                )
+            };
+        }
+        let slept = start.elapsed();
+        let _ = self.wake.read();
+        let (a, b) = (awake.as_nanos() as u64, slept.as_nanos() as u64);
+        self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        self.stats.poll_ns.fetch_add(a, Ordering::Relaxed);
+        self.stats.sleep_ns.fetch_add(b, Ordering::Relaxed);
+        for s in &mut self.slots {
+            s.stats.poll_ns.fetch_add(a, Ordering::Relaxed);
+            s.stats.sleep_ns.fetch_add(b, Ordering::Relaxed);
+            let k = s.kick.drain();
+            if k > 0 {
+                s.stats.kicks.fetch_add(k, Ordering::Relaxed);
+            }
+            s.queue.disable_notifications();
+        }
+        Some(slept)
+    }
+}

@@ -1,0 +1,348 @@
+//! Device specifications from the command line: `TYPE,socket=PATH,key=value,...`.
+//!
+//! Everything is parsed and checked before any socket or file is created, so a bad flag
+//! fails the daemon with a precise message and leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// A configuration error, naming the device and the cause.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("device {index}: empty specification")]
+    Empty { index: usize },
+    #[error("device {index}: unknown type '{kind}' (known: {known})")]
+    UnknownType {
+        index: usize,
+        kind: String,
+        known: &'static str,
+    },
+    #[error("device {index} ({kind}): option '{item}' is not key=value")]
+    NotKeyValue {
+        index: usize,
+        kind: String,
+        item: String,
+    },
+    #[error("device {index} ({kind}): option '{key}' given twice")]
+    Duplicate {
+        index: usize,
+        kind: String,
+        key: String,
+    },
+    #[error("device {index} ({kind}): unknown option '{key}' (known: {known})")]
+    UnknownOption {
+        index: usize,
+        kind: String,
+        key: String,
+        known: String,
+    },
+    #[error("device {index} ({kind}): missing option '{key}'")]
+    Missing {
+        index: usize,
+        kind: String,
+        key: &'static str,
+    },
+    #[error("device {index} ({kind}): option {key}={value}: {reason}")]
+    BadValue {
+        index: usize,
+        kind: String,
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("devices {first} and {second} both use socket {path}")]
+    SocketReused {
+        first: usize,
+        second: usize,
+        path: String,
+    },
+}
+
+/// Block backend choice for virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlkBackendSpec {
+    /// A raw image file.
+    File { path: PathBuf, direct: bool },
+    /// Discards writes, reads zeroes; for benchmarks.
+    Null { size: u64 },
+}
+
+/// virtio-blk options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlkSpec {
+    pub backend: BlkBackendSpec,
+    pub readonly: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: String,
+}
+
+/// What kind of device, with its typed options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    VirtioBlk(BlkSpec),
+    /// The emudev test device (registers, DMA engine, doorbell page, MSI-X).
+    TestDev,
+}
+
+impl DeviceKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DeviceKind::VirtioBlk(_) => "virtio-blk",
+            DeviceKind::TestDev => "testdev",
+        }
+    }
+}
+
+/// One device to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Position on the command line, from 0; used in messages.
+    pub index: usize,
+    pub socket: PathBuf,
+    pub kind: DeviceKind,
+}
+
+/// Device types this daemon serves, for messages and `--print-capabilities`.
+pub const KNOWN_TYPES: &str = "virtio-blk, testdev";
+
+struct Opts {
+    index: usize,
+    kind: String,
+    map: BTreeMap<String, String>,
+}
+
+impl Opts {
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.map.remove(key)
+    }
+    fn bad(&self, key: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::BadValue {
+            index: self.index,
+            kind: self.kind.clone(),
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+    fn bool(&mut self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "on" | "true" | "yes" | "1" => Ok(true),
+                "off" | "false" | "no" | "0" => Ok(false),
+                _ => Err(self.bad(key, &v, "expected on/off")),
+            },
+        }
+    }
+    fn num<T: TryFrom<u64>>(&mut self, key: &str, default: T, min: u64, max: u64) -> Result<T, ConfigError> {
+        let Some(v) = self.take(key) else {
+            return Ok(default);
+        };
+        let n = parse_size(&v).map_err(|e| self.bad(key, &v, e))?;
+        if n < min || n > max {
+            return Err(self.bad(key, &v, format!("must be between {min} and {max}")));
+        }
+        T::try_from(n).map_err(|_| self.bad(key, &v, "out of range"))
+    }
+    fn finish(self, known: &[&str]) -> Result<(), ConfigError> {
+        match self.map.into_keys().next() {
+            None => Ok(()),
+            Some(key) => Err(ConfigError::UnknownOption {
+                index: self.index,
+                kind: self.kind,
+                key,
+                known: known.join(", "),
+            }),
+        }
+    }
+}
+
+/// Parse a number with an optional K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix '{c}'")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = if let Some(h) = digits.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).map_err(|e| e.to_string())?
+    } else {
+        digits.parse().map_err(|e: std::num::ParseIntError| e.to_string())?
+    };
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+/// Parse one `--device` argument.
+pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> {
+    let mut parts = arg.split(',');
+    let kind = parts.next().unwrap_or("").trim().to_string();
+    if kind.is_empty() {
+        return Err(ConfigError::Empty { index });
+    }
+    let mut map = BTreeMap::new();
+    for item in parts {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(ConfigError::NotKeyValue {
+                index,
+                kind,
+                item: item.to_string(),
+            });
+        };
+        if map.insert(k.trim().to_string(), v.to_string()).is_some() {
+            return Err(ConfigError::Duplicate {
+                index,
+                kind,
+                key: k.to_string(),
+            });
+        }
+    }
+    let mut o = Opts { index, kind: kind.clone(), map };
+    let socket = o.take("socket").ok_or(ConfigError::Missing {
+        index,
+        kind: kind.clone(),
+        key: "socket",
+    })?;
+    if socket.is_empty() {
+        return Err(o.bad("socket", "", "empty path"));
+    }
+    let kind = match kind.as_str() {
+        "virtio-blk" => {
+            const KNOWN: &[&str] = &[
+                "socket", "path", "backend", "size", "readonly", "direct", "num-queues", "queue-size",
+                "serial",
+            ];
+            let backend_name = o.take("backend").unwrap_or_else(|| "file".into());
+            let direct = o.bool("direct", false)?;
+            let backend = match backend_name.as_str() {
+                "file" => {
+                    let path = o.take("path").ok_or(ConfigError::Missing {
+                        index,
+                        kind: kind.clone(),
+                        key: "path",
+                    })?;
+                    BlkBackendSpec::File {
+                        path: PathBuf::from(path),
+                        direct,
+                    }
+                }
+                "null" => BlkBackendSpec::Null {
+                    size: o.num("size", 1u64 << 30, 512, 1 << 50)?,
+                },
+                other => return Err(o.bad("backend", other, "expected file or null")),
+            };
+            let readonly = o.bool("readonly", false)?;
+            let num_queues = o.num("num-queues", 1u16, 1, 64)?;
+            let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
+            if !queue_size.is_power_of_two() {
+                return Err(o.bad("queue-size", &queue_size.to_string(), "must be a power of two"));
+            }
+            let serial = o.take("serial").unwrap_or_else(|| format!("emudev-blk{index}"));
+            if serial.len() > 20 {
+                return Err(o.bad("serial", &serial, "at most 20 bytes"));
+            }
+            o.finish(KNOWN)?;
+            DeviceKind::VirtioBlk(BlkSpec {
+                backend,
+                readonly,
+                num_queues,
+                queue_size,
+                serial,
+            })
+        }
+        "testdev" => {
+            o.finish(&["socket"])?;
+            DeviceKind::TestDev
+        }
+        _ => {
+            return Err(ConfigError::UnknownType {
+                index,
+                kind,
+                known: KNOWN_TYPES,
+            })
+        }
+    };
+    Ok(DeviceSpec {
+        index,
+        socket: PathBuf::from(socket),
+        kind,
+    })
+}
+
+/// Parse every `--device` and check them against each other.
+pub fn parse_devices(args: &[String]) -> Result<Vec<DeviceSpec>, ConfigError> {
+    let specs = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| parse_device(i, a))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in specs.iter().enumerate() {
+        if let Some(b) = specs[..i].iter().find(|b| b.socket == a.socket) {
+            return Err(ConfigError::SocketReused {
+                first: b.index,
+                second: a.index,
+                path: a.socket.display().to_string(),
+            });
+        }
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_disk_example() {
+        let d = parse_device(0, "virtio-blk,socket=/run/emudev/vda.sock,path=disk.img,num-queues=2").unwrap();
+        assert_eq!(d.socket, PathBuf::from("/run/emudev/vda.sock"));
+        let DeviceKind::VirtioBlk(b) = d.kind else { panic!("not blk") };
+        assert_eq!(b.num_queues, 2);
+        assert_eq!(b.backend, BlkBackendSpec::File { path: "disk.img".into(), direct: false });
+        assert!(!b.readonly);
+    }
+
+    #[test]
+    fn null_backend_with_size_suffix() {
+        let d = parse_device(1, "virtio-blk,socket=s,backend=null,size=2G,readonly=on").unwrap();
+        let DeviceKind::VirtioBlk(b) = d.kind else { panic!("not blk") };
+        assert_eq!(b.backend, BlkBackendSpec::Null { size: 2 << 30 });
+        assert!(b.readonly);
+    }
+
+    #[test]
+    fn errors_name_the_device_and_the_cause() {
+        let e = parse_device(3, "virtio-blk,socket=s,path=x,bogus=1").unwrap_err();
+        assert!(e.to_string().starts_with("device 3 (virtio-blk): unknown option 'bogus'"), "{e}");
+        let e = parse_device(0, "virtio-blk,path=x").unwrap_err();
+        assert_eq!(e.to_string(), "device 0 (virtio-blk): missing option 'socket'");
+        let e = parse_device(0, "virtio-blk,socket=s,path=x,queue-size=100").unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        let e = parse_device(0, "virtio-blk,socket=s,path=x,num-queues=0").unwrap_err();
+        assert!(e.to_string().contains("between 1 and 64"), "{e}");
+        let e = parse_device(0, "floppy,socket=s").unwrap_err();
+        assert!(matches!(e, ConfigError::UnknownType { .. }));
+        let e = parse_device(0, "virtio-blk,socket=s,path").unwrap_err();
+        assert!(matches!(e, ConfigError::NotKeyValue { .. }));
+        let e = parse_devices(&["testdev,socket=a".into(), "testdev,socket=a".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::SocketReused { first: 0, second: 1, .. }));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("0x10M"), Ok(16 << 20));
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

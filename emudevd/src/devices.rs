@@ -1,0 +1,125 @@
+//! Building devices from their specifications and serving them.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use emudev::testdev::TestDevice;
+use emudev::VfioUserAdapter;
+use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
+
+use crate::config::{DeviceKind, DeviceSpec};
+
+/// A device checked and ready to build.
+pub struct Prepared {
+    spec: DeviceSpec,
+}
+
+/// Check a device's configuration and backing resources before anything is created.
+pub fn prepare(spec: &DeviceSpec) -> Result<Prepared, String> {
+    match &spec.kind {
+        DeviceKind::TestDev => {}
+        DeviceKind::VirtioBlk(b) => {
+            if let crate::config::BlkBackendSpec::File { path, .. } = &b.backend {
+                let md = std::fs::metadata(path).map_err(|e| {
+                    format!("device {} (virtio-blk): path {}: {e}", spec.index, path.display())
+                })?;
+                if !md.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
+                    return Err(format!(
+                        "device {} (virtio-blk): path {}: not a regular file or block device",
+                        spec.index,
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Prepared { spec: spec.clone() })
+}
+
+struct Served {
+    name: String,
+    path: Option<PathBuf>,
+    handle: ServerHandle,
+    thread: JoinHandle<()>,
+}
+
+/// Every served device.
+pub struct Running {
+    served: Vec<Served>,
+}
+
+impl Running {
+    /// Stop every server (clients disconnected, devices quiesced), join, remove sockets.
+    pub fn shutdown(self) {
+        for s in &self.served {
+            s.handle.shutdown();
+        }
+        for s in self.served {
+            if s.thread.join().is_err() {
+                log::error!("{}: server thread panicked", s.name);
+            }
+            if let Some(p) = s.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+fn serve<D: emudev::DeviceModel + 'static>(
+    name: String,
+    dev: D,
+    listener: UnixListener,
+    path: Option<PathBuf>,
+) -> Result<Served, String> {
+    let server = Server::from_listener(listener, VfioUserAdapter::new(dev), ServerOptions::default())
+        .map_err(|e| format!("{name}: {e}"))?;
+    let (handle, join) = server.spawn();
+    let n = name.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("wait-{name}"))
+        .spawn(move || match join.join() {
+            Ok(Ok(_)) => log::info!("{n}: server stopped"),
+            Ok(Err(e)) => log::error!("{n}: server failed: {e}"),
+            Err(_) => log::error!("{n}: server thread panicked"),
+        })
+        .map_err(|e| format!("{name}: {e}"))?;
+    if let Some(p) = &path {
+        log::info!("{name}: serving on {}", p.display());
+    }
+    Ok(Served {
+        name,
+        path,
+        handle,
+        thread,
+    })
+}
+
+/// Build and serve every device. On failure, what was started is stopped again.
+pub fn start(
+    prepared: Vec<Prepared>,
+    listeners: Vec<(UnixListener, Option<PathBuf>)>,
+    _pollers: usize,
+) -> Result<Running, String> {
+    let mut running = Running { served: Vec::new() };
+    for (p, (listener, path)) in prepared.into_iter().zip(listeners) {
+        let name = format!("{}{}", p.spec.kind.type_name(), p.spec.index);
+        let r = match &p.spec.kind {
+            DeviceKind::TestDev => TestDevice::new(&name)
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|d| serve(name.clone(), d, listener, path.clone())),
+            DeviceKind::VirtioBlk(_) => Err(format!("{name}: virtio-blk is not wired up yet")),
+        };
+        match r {
+            Ok(s) => running.served.push(s),
+            Err(e) => {
+                if let Some(p) = path {
+                    let _ = std::fs::remove_file(p);
+                }
+                running.shutdown();
+                return Err(e);
+            }
+        }
+    }
+    Ok(running)
+}

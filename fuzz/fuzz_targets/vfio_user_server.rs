@@ -1,0 +1,200 @@
+//! Stateful fuzzing of the vfio-user server: the input is a stream of client messages fed to
+//! a live `Server` (running on a thread of this process, with the gpio-like test device)
+//! over a real UNIX socket, split into chunks to exercise reassembly, with fds attached
+//! where the commands take them. Each input is one client connection; the server must
+//! neither panic nor hang (every input must end with the server closing our connection
+//! within 5 s after we close our side).
+//!
+//! Input layout: byte 0 is a control byte, the rest is the message stream.
+//! - bit 0: prepend a valid VERSION (so random inputs get past negotiation);
+//! - bit 1: attach fds (a 1 MiB memfd on DMA_MAP, `count` eventfds on SET_IRQS, one memfd
+//!   on any other command when bit 2 is also set);
+//! - bits 3-7: chunking seed (0 = whole messages; otherwise a per-message split pattern).
+
+#![no_main]
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use emudev_tests::device::TestDevice;
+use emudev_tests::raw::{self, version_request, QEMU_CAPS_JSON};
+use emudev_vfio_user::socket::{recv_with_fds, send_with_fds};
+use emudev_vfio_user::wire::{cmd, Header, IrqSet};
+use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
+use libfuzzer_sys::fuzz_target;
+use zerocopy::FromBytes;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+struct Live {
+    path: PathBuf,
+    _handle: ServerHandle,
+    ram: OwnedFd,
+    eventfds: Vec<OwnedFd>,
+}
+
+fn live() -> &'static Live {
+    static LIVE: OnceLock<Live> = OnceLock::new();
+    LIVE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("emudev-fuzz-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("server.sock");
+        let (dev, _h) = TestDevice::new();
+        let server = Server::bind(&path, dev, ServerOptions { max_dma_maps: 64, ..Default::default() })
+            .expect("bind fuzz server");
+        let (handle, _join) = server.spawn();
+        Live {
+            path,
+            _handle: handle,
+            ram: raw::memfd(1 << 20),
+            eventfds: (0..16).map(|_| raw::eventfd()).collect(),
+        }
+    })
+}
+
+/// Split `stream` into messages by their headers (clamped to what is there), so fds can be
+/// attached to each message's first byte.
+fn messages(stream: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < stream.len() {
+        let rest = &stream[off..];
+        let size = Header::read_from_prefix(rest)
+            .map(|(h, _)| h.msg_size as usize)
+            .unwrap_or(rest.len())
+            .clamp(1, rest.len());
+        out.push(&rest[..size]);
+        off += size;
+    }
+    out
+}
+
+fn fds_for<'a>(live: &'a Live, m: &[u8], ctl: u8) -> Vec<BorrowedFd<'a>> {
+    if ctl & 2 == 0 {
+        return Vec::new();
+    }
+    let Ok((h, body)) = Header::read_from_prefix(m) else { return Vec::new() };
+    match h.command {
+        cmd::DMA_MAP => vec![live.ram.as_fd()],
+        cmd::DEVICE_SET_IRQS => {
+            let n = IrqSet::read_from_prefix(body).map(|(s, _)| s.count as usize).unwrap_or(1);
+            live.eventfds.iter().take(n.min(live.eventfds.len())).map(|f| f.as_fd()).collect()
+        }
+        _ if ctl & 4 != 0 => vec![live.ram.as_fd()],
+        _ => Vec::new(),
+    }
+}
+
+/// Read and discard whatever the server sent; `Ok(true)` on EOF.
+fn drain(sock: &UnixStream, buf: &mut [u8]) -> io::Result<bool> {
+    loop {
+        match recv_with_fds(sock.as_fd(), buf) {
+            Ok(r) if r.bytes == 0 => return Ok(true),
+            Ok(_) => {} // fds in replies are dropped (closed) here
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn wait_io(sock: &UnixStream, write: bool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut f = PollFlags::POLLIN;
+    if write {
+        f |= PollFlags::POLLOUT;
+    }
+    let mut p = [PollFd::new(sock.as_fd(), f)];
+    let _ = poll(&mut p, PollTimeout::from(100u16));
+}
+
+/// Send `bytes` (fds on the first byte), draining replies whenever the socket is full.
+fn send_chunk(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>], buf: &mut [u8], start: Instant) -> bool {
+    let mut off = 0;
+    let mut first = true;
+    while off < bytes.len() {
+        let f = if first { fds } else { &[] };
+        match send_with_fds(sock.as_fd(), &[io::IoSlice::new(&bytes[off..])], f) {
+            Ok(n) => {
+                off += n;
+                first = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if start.elapsed() > DEADLINE {
+                    panic!("server stopped reading for {DEADLINE:?}");
+                }
+                match drain(sock, buf) {
+                    Ok(true) | Err(_) => return false,
+                    Ok(false) => wait_io(sock, true),
+                }
+            }
+            // The server may close on us (e.g. refused as a second client); fine.
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn run(data: &[u8]) {
+    let Some((&ctl, stream)) = data.split_first() else { return };
+    let live = live();
+    let start = Instant::now();
+    // The previous connection may still be closing on the server side.
+    let sock = loop {
+        match UnixStream::connect(&live.path) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < DEADLINE => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("cannot connect to the server: {e}"),
+        }
+    };
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = vec![0u8; 1 << 16];
+    let version = version_request(0, 0, 0, Some(QEMU_CAPS_JSON));
+    let mut msgs: Vec<&[u8]> = Vec::new();
+    if ctl & 1 != 0 {
+        msgs.push(&version);
+    }
+    msgs.extend(messages(stream));
+    let mut seed = u32::from(ctl >> 3);
+    'send: for m in msgs {
+        let fds = fds_for(live, m, ctl);
+        // Chunk pattern: whole message, or pieces of 1..=17 bytes from a tiny LCG.
+        let mut off = 0;
+        let mut first = true;
+        while off < m.len() {
+            let n = if seed == 0 {
+                m.len()
+            } else {
+                seed = seed.wrapping_mul(1103515245).wrapping_add(12345);
+                (((seed >> 16) % 17) + 1) as usize
+            };
+            let end = (off + n).min(m.len());
+            let f: &[BorrowedFd<'_>] = if first { &fds } else { &[] };
+            if !send_chunk(&sock, &m[off..end], f, &mut buf, start) {
+                break 'send;
+            }
+            off = end;
+            first = false;
+        }
+    }
+    // Close our side; the server must finish and close its side.
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match drain(&sock, &mut buf) {
+            Ok(true) | Err(_) => break,
+            Ok(false) => {
+                if Instant::now() > deadline {
+                    panic!("server did not close the connection within {DEADLINE:?} after EOF");
+                }
+                wait_io(&sock, false);
+            }
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| run(data));
