@@ -269,7 +269,9 @@ impl IoEventFdSet {
         datamatch: Option<u64>,
     ) -> Result<Arc<EventFd>, DoorbellError> {
         let bad = DoorbellError::BadRange { offset, size };
-        let end = offset.checked_add(size).ok_or_else(|| bad_range(offset, size))?;
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| bad_range(offset, size))?;
         if !matches!(size, 1 | 2 | 4 | 8)
             || self
                 .entries
@@ -280,7 +282,10 @@ impl IoEventFdSet {
         }
         let io_err = |what| move |e: io::Error| DoorbellError::Io { what, source: e };
         let event = Arc::new(new_eventfd().map_err(io_err("eventfd"))?);
-        let fd = event.as_fd().try_clone_to_owned().map_err(io_err("dup eventfd"))?;
+        let fd = event
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err("dup eventfd"))?;
         self.entries.push(IoEventEntry {
             offset,
             size,

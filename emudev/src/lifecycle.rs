@@ -135,8 +135,14 @@ mod tests {
     #[test]
     fn normal_life() {
         let c = StateCell::default();
-        assert_eq!(c.apply(Transition::Attach, true), Some((Configured, Running)));
-        assert_eq!(c.apply(Transition::Quiesce, true), Some((Running, Quiesced)));
+        assert_eq!(
+            c.apply(Transition::Attach, true),
+            Some((Configured, Running))
+        );
+        assert_eq!(
+            c.apply(Transition::Quiesce, true),
+            Some((Running, Quiesced))
+        );
         // Attach is not legal while quiesced.
         assert_eq!(c.apply(Transition::Attach, true), None);
         assert_eq!(c.get(), Quiesced);
@@ -156,7 +162,10 @@ mod tests {
         // Detach keeps Failed: the next client sees a failed device until it resets it.
         assert_eq!(c.apply(Transition::Detach, false), None);
         assert!(c.is_failed());
-        assert_eq!(c.apply(Transition::Reset, false), Some((Failed, Configured)));
+        assert_eq!(
+            c.apply(Transition::Reset, false),
+            Some((Failed, Configured))
+        );
         c.apply(Transition::Fail, true);
         assert_eq!(c.apply(Transition::Reset, true), Some((Failed, Running)));
     }

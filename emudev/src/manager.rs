@@ -63,7 +63,10 @@ impl Managed {
         self.handle.shutdown();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
-                log::error!("device thread for {} panicked on exit", self.socket.display());
+                log::error!(
+                    "device thread for {} panicked on exit",
+                    self.socket.display()
+                );
             }
         }
     }
@@ -201,13 +204,17 @@ impl DeviceManager {
         name: &str,
         f: impl FnOnce(&mut dyn DeviceModel) -> R,
     ) -> Result<R, ManagerError> {
-        let dev = self
+        let (dev, state) = self
             .lock()
             .get(name)
-            .map(|m| m.device.clone())
+            .map(|m| (m.device.clone(), m.state.clone()))
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
         let mut d = dev.lock().unwrap_or_else(PoisonError::into_inner);
-        guarded(|| f(&mut *d)).map_err(|_| ManagerError::Panicked(name.to_string()))
+        guarded(|| f(&mut *d)).map_err(|msg| {
+            log::error!("{name}: attribute call panicked, device marked Failed: {msg}");
+            state.set(DeviceState::Failed);
+            ManagerError::Panicked(name.to_string())
+        })
     }
 
     /// Read a device attribute (e.g. "link").

@@ -105,9 +105,15 @@ fn dma_fill_checksum_and_copy_through_memfd_ram() {
     // Fill 10000 bytes (not a chunk multiple) at an unaligned address.
     program(&mut d, regs::DMA_CMD_FILL, 0x10003, 0, 10000, 0xa1b2_c3d4);
     assert_eq!(irqs[1].wait(WAIT), 1, "completion vector fired");
-    assert_eq!(wait_status(&mut d, regs::DMA_STATUS_DONE), regs::DMA_STATUS_DONE);
+    assert_eq!(
+        wait_status(&mut d, regs::DMA_STATUS_DONE),
+        regs::DMA_STATUS_DONE
+    );
     let mut got = vec![0u8; 10002];
-    d.ram().get_slice(0x10002, 10002).unwrap().copy_to(&mut got[..]);
+    d.ram()
+        .get_slice(0x10002, 10002)
+        .unwrap()
+        .copy_to(&mut got[..]);
     assert_eq!(got[0], 0, "byte before the range untouched");
     assert_eq!(got[10001], 0, "byte after the range untouched");
     let pat = 0xa1b2_c3d4u32.to_le_bytes();
@@ -119,7 +125,10 @@ fn dma_fill_checksum_and_copy_through_memfd_ram() {
     d.mem().write(0x40000, &data).unwrap();
     program(&mut d, regs::DMA_CMD_CHECKSUM, 0, 0x40000, 20000, 0);
     assert_eq!(irqs[1].wait(WAIT), 1);
-    assert_eq!(wait_status(&mut d, regs::DMA_STATUS_DONE), regs::DMA_STATUS_DONE);
+    assert_eq!(
+        wait_status(&mut d, regs::DMA_STATUS_DONE),
+        regs::DMA_STATUS_DONE
+    );
     assert_eq!(d.read32(BAR0, regs::DMA_RESULT).unwrap(), checksum(&data));
     // Copy.
     program(&mut d, regs::DMA_CMD_COPY, 0x80000, 0x40000, 20000, 0);
@@ -138,7 +147,10 @@ fn dma_outside_guest_memory_reports_error() {
     let end = d.ram_size();
     program(&mut d, regs::DMA_CMD_FILL, end - 100, 0, 4096, 1);
     assert_eq!(irqs[0].wait(WAIT), 1);
-    assert_eq!(wait_status(&mut d, regs::DMA_STATUS_ERROR), regs::DMA_STATUS_ERROR);
+    assert_eq!(
+        wait_status(&mut d, regs::DMA_STATUS_ERROR),
+        regs::DMA_STATUS_ERROR
+    );
     assert_eq!(d.read32(BAR0, regs::DMA_ERRORS).unwrap(), 1);
 }
 
@@ -152,12 +164,16 @@ fn msix_vector_fires_and_masked_vector_pends_until_unmask() {
     d.mask_vector(3, true).unwrap();
     d.write32(BAR0, regs::IRQ_RAISE, 3).unwrap();
     assert_eq!(irqs[3].wait(Duration::from_millis(50)), 0);
-    let pba = d.read32(u32::from(regs::MSIX_BAR), u64::from(regs::MSIX_PBA_OFFSET)).unwrap();
+    let pba = d
+        .read32(u32::from(regs::MSIX_BAR), u64::from(regs::MSIX_PBA_OFFSET))
+        .unwrap();
     assert_eq!(pba, 1 << 3);
     // Unmask delivers the pending vector and clears the bit.
     d.mask_vector(3, false).unwrap();
     assert_eq!(irqs[3].wait(WAIT), 1);
-    let pba = d.read32(u32::from(regs::MSIX_BAR), u64::from(regs::MSIX_PBA_OFFSET)).unwrap();
+    let pba = d
+        .read32(u32::from(regs::MSIX_BAR), u64::from(regs::MSIX_PBA_OFFSET))
+        .unwrap();
     assert_eq!(pba, 0);
     assert_eq!(d.read32(BAR0, regs::IRQ_COUNT).unwrap(), 2);
 }
@@ -168,16 +184,24 @@ fn intx_when_msix_is_off_with_automask_and_eoi() {
     let intx = d.enable_intx().unwrap();
     d.write32(BAR0, regs::IRQ_RAISE, 0).unwrap();
     assert_eq!(intx.wait(WAIT), 1);
-    assert_eq!(d.read32(BAR0, regs::IRQ_STATUS).unwrap(), regs::IRQ_STATUS_INTX);
+    assert_eq!(
+        d.read32(BAR0, regs::IRQ_STATUS).unwrap(),
+        regs::IRQ_STATUS_INTX
+    );
     // Config status shows the interrupt bit.
     assert_ne!(d.config_read16(0x06).unwrap() & (1 << 3), 0);
     // Automasked: a second raise does not signal until EOI (unmask) re-delivers.
     d.write32(BAR0, regs::IRQ_RAISE, 0).unwrap();
     assert_eq!(intx.wait(Duration::from_millis(30)), 0);
     d.unmask_intx().unwrap();
-    assert_eq!(intx.wait(WAIT), 1, "level still high: re-delivered on unmask");
+    assert_eq!(
+        intx.wait(WAIT),
+        1,
+        "level still high: re-delivered on unmask"
+    );
     // Driver clears the status: line low, unmask is quiet.
-    d.write32(BAR0, regs::IRQ_STATUS, regs::IRQ_STATUS_INTX).unwrap();
+    d.write32(BAR0, regs::IRQ_STATUS, regs::IRQ_STATUS_INTX)
+        .unwrap();
     d.unmask_intx().unwrap();
     assert_eq!(intx.wait(Duration::from_millis(30)), 0);
 }
@@ -227,9 +251,19 @@ fn message_backed_memory_is_reached_from_the_worker() {
     let client = d.map_message(0x1000_0000, 0x10000).unwrap();
     let irqs = d.enable_msix(1).unwrap();
     d.write32(BAR0, regs::DMA_VECTOR, 0).unwrap();
-    program(&mut d, regs::DMA_CMD_FILL, 0x1000_0100, 0, 5000, 0x5a5a_5a5a);
+    program(
+        &mut d,
+        regs::DMA_CMD_FILL,
+        0x1000_0100,
+        0,
+        5000,
+        0x5a5a_5a5a,
+    );
     assert_eq!(irqs[0].wait(WAIT), 1);
-    assert_eq!(wait_status(&mut d, regs::DMA_STATUS_DONE), regs::DMA_STATUS_DONE);
+    assert_eq!(
+        wait_status(&mut d, regs::DMA_STATUS_DONE),
+        regs::DMA_STATUS_DONE
+    );
     let mut got = vec![0u8; 5000];
     client.get_slice(0x100, 5000).unwrap().copy_to(&mut got[..]);
     assert!(got.iter().all(|b| *b == 0x5a));
@@ -239,7 +273,10 @@ fn message_backed_memory_is_reached_from_the_worker() {
     program(&mut d, regs::DMA_CMD_COPY, 0x1000_8000, 0x2000, 3000, 0);
     assert_eq!(irqs[0].wait(WAIT), 1);
     let mut back = vec![0u8; 3000];
-    client.get_slice(0x8000, 3000).unwrap().copy_to(&mut back[..]);
+    client
+        .get_slice(0x8000, 3000)
+        .unwrap()
+        .copy_to(&mut back[..]);
     assert_eq!(back, data);
 }
 
@@ -250,7 +287,14 @@ fn unmap_during_dma_is_quiesced() {
     let mut d = setup();
     let extra = d.map_fd(0x100_0000, 0x10_0000).unwrap();
     d.write32(BAR0, regs::DMA_REPEAT, u32::MAX).unwrap();
-    program(&mut d, regs::DMA_CMD_FILL, 0x100_0000, 0, 0x10_0000, 0x1111_1111);
+    program(
+        &mut d,
+        regs::DMA_CMD_FILL,
+        0x100_0000,
+        0,
+        0x10_0000,
+        0x1111_1111,
+    );
     // Wait for the loop to be running for real.
     let t0 = Instant::now();
     while d.read32(BAR0, regs::DMA_PASSES).unwrap() < 2 && t0.elapsed() < WAIT {
@@ -259,12 +303,21 @@ fn unmap_during_dma_is_quiesced() {
     assert!(d.read32(BAR0, regs::DMA_PASSES).unwrap() >= 2);
     d.unmap(0x100_0000, 0x10_0000).unwrap();
     // From now on nothing may write the old range: clear it and watch it.
-    extra.get_slice(0, 0x10_0000).unwrap().copy_from(&vec![0u8; 0x10_0000][..]);
+    extra
+        .get_slice(0, 0x10_0000)
+        .unwrap()
+        .copy_from(&vec![0u8; 0x10_0000][..]);
     std::thread::sleep(Duration::from_millis(100));
     let mut buf = vec![0u8; 0x10_0000];
     extra.get_slice(0, 0x10_0000).unwrap().copy_to(&mut buf[..]);
-    assert!(buf.iter().all(|b| *b == 0), "device wrote the range after its unmap");
-    assert_eq!(wait_status(&mut d, regs::DMA_STATUS_ERROR), regs::DMA_STATUS_ERROR);
+    assert!(
+        buf.iter().all(|b| *b == 0),
+        "device wrote the range after its unmap"
+    );
+    assert_eq!(
+        wait_status(&mut d, regs::DMA_STATUS_ERROR),
+        regs::DMA_STATUS_ERROR
+    );
     assert_eq!(d.adapter().state(), DeviceState::Running);
 }
 
@@ -274,7 +327,14 @@ fn unmap_during_dma_is_quiesced() {
 fn memory_table_swapped_under_load() {
     let mut d = setup();
     d.write32(BAR0, regs::DMA_REPEAT, u32::MAX).unwrap();
-    program(&mut d, regs::DMA_CMD_COPY, 0x20_0000, 0x10_0000, 0x8_0000, 0);
+    program(
+        &mut d,
+        regs::DMA_CMD_COPY,
+        0x20_0000,
+        0x10_0000,
+        0x8_0000,
+        0,
+    );
     let mut passes = 0;
     for i in 0..40u64 {
         let gpa = 0x1000_0000 + i * 0x10_0000;
@@ -291,9 +351,15 @@ fn memory_table_swapped_under_load() {
     }
     std::thread::sleep(Duration::from_millis(20));
     assert!(d.read32(BAR0, regs::DMA_PASSES).unwrap() > 0);
-    assert_eq!(d.read32(BAR0, regs::DMA_STATUS).unwrap(), regs::DMA_STATUS_BUSY);
+    assert_eq!(
+        d.read32(BAR0, regs::DMA_STATUS).unwrap(),
+        regs::DMA_STATUS_BUSY
+    );
     assert_eq!(d.read32(BAR0, regs::DMA_ERRORS).unwrap(), 0);
     d.write32(BAR0, regs::DMA_CMD, regs::DMA_CMD_STOP).unwrap();
-    assert_eq!(d.read32(BAR0, regs::DMA_STATUS).unwrap(), regs::DMA_STATUS_IDLE);
+    assert_eq!(
+        d.read32(BAR0, regs::DMA_STATUS).unwrap(),
+        regs::DMA_STATUS_IDLE
+    );
     assert_eq!(d.adapter().state(), DeviceState::Running);
 }

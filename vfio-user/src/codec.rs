@@ -647,4 +647,54 @@ mod tests {
         }
         assert_eq!(out[64].fds.len(), 1);
     }
+
+    #[test]
+    fn kernel_fd_boundaries_match_the_last_byte_rule() {
+        // Queue A (no fd), B (fd), C (no fd), D (fd) before reading anything, then read with
+        // a large buffer: whatever the kernel glues together, each fd lands on its message.
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let f1 = memfd();
+        let f2 = memfd();
+        let pad = [7u8; 100];
+        write_all(
+            a.as_fd(),
+            &request(1, cmd::REGION_WRITE, false, &[&pad]),
+            &[],
+        )
+        .unwrap();
+        write_all(
+            a.as_fd(),
+            &request(2, cmd::DMA_MAP, false, &[&[0u8; 32]]),
+            &[f1.as_fd()],
+        )
+        .unwrap();
+        write_all(
+            a.as_fd(),
+            &request(3, cmd::REGION_WRITE, false, &[&pad]),
+            &[],
+        )
+        .unwrap();
+        write_all(
+            a.as_fd(),
+            &request(4, cmd::DMA_MAP, false, &[&[0u8; 32]]),
+            &[f2.as_fd()],
+        )
+        .unwrap();
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            match d.read_from(b.as_fd()) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            while let Some(f) = d.next_frame() {
+                let m = msg(Some(f));
+                got.push((m.header.msg_id, m.fds.len()));
+            }
+        }
+        assert_eq!(got, vec![(1, 0), (2, 1), (3, 0), (4, 1)]);
+    }
 }

@@ -5,9 +5,11 @@
 //! - [`request`]: wire structs and the split of a chain into header / data / status.
 //! - [`engine`]: [`BlkEngine`], which validates and executes one request.
 //! - [`handler`]: [`BlkQueueHandler`], the per-queue glue to the vring core.
+//! - [`device`]: [`VirtioBlkDevice`], the virtio device type behind the PCI transport.
 
 pub mod backend;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod handler;
 pub mod request;
@@ -17,6 +19,7 @@ mod testutil;
 
 pub use backend::{BackendError, BlockBackend};
 pub use config::{BlkConfig, BlkOptions, ConfigError, VirtioBlkConfig};
+pub use device::VirtioBlkDevice;
 pub use engine::{BlkEngine, BlkStats, BlkStatsSnapshot, Completion};
 pub use handler::BlkQueueHandler;
 pub use request::Segment;

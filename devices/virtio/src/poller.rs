@@ -432,7 +432,10 @@ impl Engine for PollerEngine {
             return Completion::ready(Err(EngineError::QueueNotStarted(qidx)));
         };
         let (c, done) = Completion::pair();
-        if let Err(err) = self.pool.send(e.thread, Ctl::StopQueue((self.dev, qidx), c)) {
+        if let Err(err) = self
+            .pool
+            .send(e.thread, Ctl::StopQueue((self.dev, qidx), c))
+        {
             return Completion::ready(Err(err));
         }
         done
@@ -552,8 +555,8 @@ impl Worker {
         let mut work = 0;
         let mut broken = false;
         for slot in &mut self.slots {
-            let quiesce = slot.stopping.is_some()
-                || self.devs.get(&slot.dev).is_some_and(DevCtl::quiescing);
+            let quiesce =
+                slot.stopping.is_some() || self.devs.get(&slot.dev).is_some_and(DevCtl::quiescing);
             let n = if quiesce {
                 slot.handler.poll_completions(&mut slot.queue)
             } else {
@@ -581,7 +584,9 @@ impl Worker {
                 } => {
                     if slot.irq_pending
                         && (slot.irq_count >= max_completions
-                            || slot.irq_since.is_some_and(|t| now.duration_since(t) >= max_delay))
+                            || slot
+                                .irq_since
+                                .is_some_and(|t| now.duration_since(t) >= max_delay))
                     {
                         slot.fire();
                     }
@@ -850,5 +855,460 @@ impl Worker {
             s.queue.disable_notifications();
         }
         Some(slept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::queue::features;
+    use crate::queue::testdriver::{
+        anon_memory, anon_region, mapped_memory, message_memory, Buf, PackedDriver, SplitDriver,
+    };
+    use crate::queue::{DescChain, QueueError};
+
+    const BASE: u64 = 0x10_0000;
+    const MEM: usize = 0x40_0000;
+    const DATA: u64 = BASE + 0x20_0000;
+    const FEATS: u64 = features::VERSION_1 | features::INDIRECT_DESC | features::EVENT_IDX;
+    const T: Duration = Duration::from_secs(5);
+
+    /// Copies the readable part into the writable part.
+    struct Echo {
+        chain: DescChain,
+        buf: Vec<u8>,
+    }
+
+    impl QueueHandler for Echo {
+        fn process(&mut self, q: &mut Queue, budget: usize) -> usize {
+            let mut n = 0;
+            while n < budget {
+                match q.pop_into(&mut self.chain) {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => break,
+                }
+                let mem = q.memory().clone();
+                let mut r = self.chain.reader(&mem);
+                self.buf.resize(r.remaining(), 0);
+                let len = match r.read_exact(&mut self.buf) {
+                    Ok(()) => {
+                        let mut w = self.chain.writer(&mem);
+                        w.write(&self.buf).map(|k| k as u32).unwrap_or(0)
+                    }
+                    Err(_) => 0,
+                };
+                q.add_used(self.chain.head(), len);
+                n += 1;
+            }
+            n
+        }
+    }
+
+    fn echo_factory() -> HandlerFactory {
+        Box::new(|_, _| {
+            Box::new(Echo {
+                chain: DescChain::new(),
+                buf: Vec::new(),
+            })
+        })
+    }
+
+    fn counter() -> (Arc<AtomicU64>, Arc<dyn Notifier>) {
+        let c = Arc::new(AtomicU64::new(0));
+        let c2 = c.clone();
+        (
+            c,
+            Arc::new(move || {
+                c2.fetch_add(1, Ordering::Relaxed);
+            }),
+        )
+    }
+
+    fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + T;
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        f()
+    }
+
+    /// Add an echo request and kick if the device asks for it.
+    fn submit(d: &mut SplitDriver, kick: &Kick, i: u64) -> u16 {
+        d.mem.write(DATA + 0x100 * i, &i.to_le_bytes()).unwrap();
+        let old = d.avail_idx();
+        let h = d.add_chain(&[
+            Buf::r(DATA + 0x100 * i, 8),
+            Buf::w(DATA + 0x10_0000 + 0x100 * i, 8),
+        ]);
+        if d.must_kick(true, old, d.avail_idx()) {
+            kick.signal();
+        }
+        h
+    }
+
+    fn collect(d: &mut SplitDriver, n: usize) -> Vec<(u32, u32)> {
+        let mut got = Vec::new();
+        assert!(
+            wait_until(|| {
+                while let Some(u) = d.pop_used() {
+                    got.push(u);
+                }
+                got.len() >= n
+            }),
+            "only {} of {n} completions",
+            got.len()
+        );
+        got
+    }
+
+    struct Setup {
+        pool: Arc<PollerPool>,
+        eng: PollerEngine,
+        mem: Arc<GuestMemory>,
+    }
+
+    fn setup(mem: Arc<GuestMemory>, factory: HandlerFactory) -> Setup {
+        let pool = PollerPool::new(1).unwrap();
+        let mut eng = pool.engine(factory);
+        eng.features_changed(FEATS).wait_timeout(T).unwrap();
+        eng.memory_changed(mem.clone()).wait_timeout(T).unwrap();
+        Setup { pool, eng, mem }
+    }
+
+    #[test]
+    fn echo_requests_complete_over_mapped_and_message_memory() {
+        for mem in [anon_memory(BASE, MEM), message_memory(BASE, MEM)] {
+            let mut s = setup(mem.clone(), echo_factory());
+            let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+            let kick = Kick::new().unwrap();
+            let (irqs, notifier) = counter();
+            s.eng
+                .queue_start(0, d.config(), notifier, kick.clone())
+                .wait_timeout(T)
+                .unwrap();
+            let mut done = 0;
+            for batch in 0..10u64 {
+                for i in 0..20 {
+                    submit(&mut d, &kick, batch * 20 + i);
+                }
+                done += collect(&mut d, 20).len();
+            }
+            assert_eq!(done, 200);
+            for i in 0..200u64 {
+                let v: u64 = s.mem.read_obj(DATA + 0x10_0000 + 0x100 * i).unwrap();
+                assert_eq!(v, i);
+            }
+            assert!(wait_until(|| irqs.load(Ordering::Relaxed) > 0));
+            let st = s.eng.queue_stats(0).unwrap();
+            assert_eq!(st.requests.load(Ordering::Relaxed), 200);
+            let state = s.eng.queue_stop(0).wait_timeout(T).unwrap();
+            assert_eq!(state.next_avail, 200);
+            assert_eq!(state.next_used, 200);
+        }
+    }
+
+    #[test]
+    fn packed_queue_through_the_poller() {
+        let mem = anon_memory(BASE, MEM);
+        let mut s = setup(mem.clone(), echo_factory());
+        s.eng
+            .features_changed(FEATS | features::RING_PACKED)
+            .wait_timeout(T)
+            .unwrap();
+        let mut d = PackedDriver::new(mem.clone(), BASE, 16);
+        let kick = Kick::new().unwrap();
+        let (_irqs, notifier) = counter();
+        s.eng
+            .queue_start(0, d.config(), notifier, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        let mut got = 0;
+        for i in 0..100u64 {
+            mem.write(DATA, &i.to_le_bytes()).unwrap();
+            let id = d.add_chain(&[Buf::r(DATA, 8), Buf::w(DATA + 0x100, 8)]);
+            kick.signal();
+            assert!(wait_until(|| match d.pop_used() {
+                Some((uid, len)) => {
+                    assert_eq!((uid, len), (id, 8));
+                    true
+                }
+                None => false,
+            }));
+            let v: u64 = mem.read_obj(DATA + 0x100).unwrap();
+            assert_eq!(v, i);
+            got += 1;
+        }
+        assert_eq!(got, 100);
+    }
+
+    #[test]
+    fn idle_poller_uses_little_cpu() {
+        let mem = anon_memory(BASE, MEM);
+        let mut s = setup(mem.clone(), echo_factory());
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (_irqs, notifier) = counter();
+        s.eng
+            .queue_start(0, d.config(), notifier, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        for i in 0..10 {
+            submit(&mut d, &kick, i);
+        }
+        collect(&mut d, 10);
+        std::thread::sleep(Duration::from_millis(100));
+        let c0 = s.pool.thread_cpu_time(0).unwrap();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        let used = s.pool.thread_cpu_time(0).unwrap() - c0;
+        let share = used.as_secs_f64() / t0.elapsed().as_secs_f64();
+        assert!(share < 0.02, "idle poller used {:.2}% CPU", share * 100.0);
+        let ts = s.pool.thread_stats(0).unwrap();
+        assert!(ts.sleeps.load(Ordering::Relaxed) >= 1);
+        // And it still wakes up on a kick.
+        submit(&mut d, &kick, 11);
+        collect(&mut d, 1);
+        assert!(s.eng.queue_stats(0).unwrap().kicks.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn memory_swap_is_acked_and_queues_keep_working() {
+        let region = anon_region(MEM);
+        let mem = mapped_memory(BASE, &region);
+        let mut s = setup(mem.clone(), echo_factory());
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (_irqs, notifier) = counter();
+        s.eng
+            .queue_start(0, d.config(), notifier, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        for round in 0..5u64 {
+            submit(&mut d, &kick, round);
+            collect(&mut d, 1);
+            let new = mapped_memory(BASE, &region);
+            let before = Arc::strong_count(&s.mem);
+            s.eng
+                .memory_changed(new.clone())
+                .wait_timeout(Duration::from_secs(1))
+                .unwrap();
+            // Acked means the engine and the queue no longer hold the old snapshot.
+            assert_eq!(Arc::strong_count(&s.mem), before - 2, "round {round}");
+            d.mem = new.clone();
+            s.mem = new;
+        }
+        submit(&mut d, &kick, 9);
+        collect(&mut d, 1);
+    }
+
+    #[test]
+    fn stop_returns_position_and_restart_continues() {
+        let mem = anon_memory(BASE, MEM);
+        let mut s = setup(mem.clone(), echo_factory());
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (_irqs, notifier) = counter();
+        s.eng
+            .queue_start(0, d.config(), notifier.clone(), kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        for i in 0..5 {
+            submit(&mut d, &kick, i);
+        }
+        collect(&mut d, 5);
+        let st = s.eng.queue_stop(0).wait_timeout(T).unwrap();
+        assert_eq!((st.next_avail, st.next_used), (5, 5));
+        assert!(matches!(
+            s.eng.queue_stop(0).wait_timeout(T),
+            Err(EngineError::QueueNotStarted(0))
+        ));
+        // Requests queued while stopped are served after the restart, once.
+        for i in 5..8 {
+            submit(&mut d, &kick, i);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(d.pop_used(), None);
+        s.eng.set_queue_base(0, st);
+        s.eng
+            .queue_start(0, d.config(), notifier, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        kick.signal();
+        let got = collect(&mut d, 3);
+        assert_eq!(got.len(), 3);
+        let st = s.eng.queue_stop(0).wait_timeout(T).unwrap();
+        assert_eq!((st.next_avail, st.next_used), (8, 8));
+    }
+
+    #[test]
+    fn broken_ring_stops_only_its_queue() {
+        let mem = anon_memory(BASE, MEM);
+        let mut s = setup(mem.clone(), echo_factory());
+        let errors: Arc<Mutex<Vec<(u16, QueueError)>>> = Arc::default();
+        let e2 = errors.clone();
+        s.eng.set_error_callback(Arc::new(move |q, e| {
+            e2.lock().unwrap().push((q, e.clone()))
+        }));
+        let mut good = SplitDriver::new(mem.clone(), BASE, 64);
+        let mut bad = SplitDriver::new(mem.clone(), BASE + 0x10_0000, 8);
+        let (kg, kb) = (Kick::new().unwrap(), Kick::new().unwrap());
+        let (_i, n) = counter();
+        s.eng
+            .queue_start(0, good.config(), n.clone(), kg.clone())
+            .wait_timeout(T)
+            .unwrap();
+        s.eng
+            .queue_start(1, bad.config(), n.clone(), kb.clone())
+            .wait_timeout(T)
+            .unwrap();
+        // A second device on the same pool keeps running too.
+        let mut other = s.pool.engine(echo_factory());
+        other.features_changed(FEATS).wait_timeout(T).unwrap();
+        other.memory_changed(mem.clone()).wait_timeout(T).unwrap();
+        let mut od = SplitDriver::new(mem.clone(), BASE + 0x18_0000, 8);
+        let ko = Kick::new().unwrap();
+        other
+            .queue_start(0, od.config(), n.clone(), ko.clone())
+            .wait_timeout(T)
+            .unwrap();
+
+        bad.write_desc(0, DATA, 4, 1, 0); // loops onto itself
+        bad.push_head(0);
+        kb.signal();
+        assert!(wait_until(|| !errors.lock().unwrap().is_empty()));
+        assert_eq!(errors.lock().unwrap()[0], (1, QueueError::ChainLoop));
+        for i in 0..20 {
+            submit(&mut good, &kg, i);
+        }
+        collect(&mut good, 20);
+        od.add_chain(&[Buf::w(DATA, 4)]);
+        ko.signal();
+        assert!(wait_until(|| od.pop_used().is_some()));
+        // The broken queue can still be stopped, reporting where it stood.
+        let st = s.eng.queue_stop(1).wait_timeout(T).unwrap();
+        assert_eq!(st.next_avail, 0);
+        assert_eq!(
+            s.eng
+                .queue_stats(0)
+                .map(|st| st.errors.load(Ordering::Relaxed)),
+            Some(0)
+        );
+        other.destroy().wait_timeout(T).unwrap();
+    }
+
+    /// Holds each request in flight until `release` is set.
+    struct Slow {
+        held: Vec<(u16, u32)>,
+        release: Arc<AtomicBool>,
+        chain: DescChain,
+    }
+
+    impl QueueHandler for Slow {
+        fn process(&mut self, q: &mut Queue, budget: usize) -> usize {
+            let mut n = self.poll_completions(q);
+            for _ in 0..budget {
+                match q.pop_into(&mut self.chain) {
+                    Ok(true) => self.held.push((self.chain.head(), 0)),
+                    _ => break,
+                }
+                n += 1;
+            }
+            n
+        }
+        fn poll_completions(&mut self, q: &mut Queue) -> usize {
+            if !self.release.load(Ordering::Acquire) {
+                return 0;
+            }
+            let n = self.held.len();
+            for (h, l) in self.held.drain(..) {
+                q.add_used(h, l);
+            }
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.held.len()
+        }
+    }
+
+    #[test]
+    fn pause_waits_for_in_flight_and_stops_popping() {
+        let mem = anon_memory(BASE, MEM);
+        let release = Arc::new(AtomicBool::new(false));
+        let r2 = release.clone();
+        let mut s = setup(
+            mem.clone(),
+            Box::new(move |_, _| {
+                Box::new(Slow {
+                    held: Vec::new(),
+                    release: r2.clone(),
+                    chain: DescChain::new(),
+                })
+            }),
+        );
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (_i, n) = counter();
+        s.eng
+            .queue_start(0, d.config(), n, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        for i in 0..3 {
+            submit(&mut d, &kick, i);
+        }
+        assert!(wait_until(|| s
+            .eng
+            .queue_stats(0)
+            .unwrap()
+            .requests
+            .load(Ordering::Relaxed)
+            >= 3));
+        let pause = s.eng.pause();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(pause.try_get().is_none(), "acked with requests in flight");
+        release.store(true, Ordering::Release);
+        pause.wait_timeout(T).unwrap();
+        assert_eq!(collect(&mut d, 3).len(), 3);
+        // Paused: new requests stay in the ring.
+        submit(&mut d, &kick, 10);
+        kick.signal();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(d.pop_used(), None);
+        s.eng.resume().wait_timeout(T).unwrap();
+        kick.signal();
+        assert_eq!(collect(&mut d, 1).len(), 1);
+        s.eng.destroy().wait_timeout(T).unwrap();
+    }
+
+    #[test]
+    fn coalesced_interrupts_fire_within_the_delay() {
+        let mem = anon_memory(BASE, MEM);
+        let pool = PollerPool::with_config(
+            1,
+            PollerConfig {
+                irq: IrqPolicy::Coalesce {
+                    max_completions: 1000,
+                    max_delay: Duration::from_micros(200),
+                },
+                ..PollerConfig::default()
+            },
+        )
+        .unwrap();
+        let mut eng = pool.engine(echo_factory());
+        eng.features_changed(FEATS).wait_timeout(T).unwrap();
+        eng.memory_changed(mem.clone()).wait_timeout(T).unwrap();
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (irqs, n) = counter();
+        eng.queue_start(0, d.config(), n, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        submit(&mut d, &kick, 0);
+        collect(&mut d, 1);
+        assert!(wait_until(|| irqs.load(Ordering::Relaxed) == 1));
     }
 }

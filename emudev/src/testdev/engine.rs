@@ -165,7 +165,8 @@ impl DmaEngine {
     /// Start a job, replacing any running one (at a chunk boundary).
     pub fn start(&self, job: DmaJob, regs: &SharedRegs) {
         let mut c = lock(&self.inner.ctl);
-        regs.dma_status.store(regs::DMA_STATUS_BUSY, Ordering::Release);
+        regs.dma_status
+            .store(regs::DMA_STATUS_BUSY, Ordering::Release);
         regs.dma_passes.store(0, Ordering::Release);
         c.gen = c.gen.wrapping_add(1);
         c.job = Some(Progress {

@@ -24,8 +24,7 @@ use crate::device::{DeviceError, DeviceModel};
 use crate::doorbell::{DoorbellPage, IoEventFdSet};
 use crate::memory::GuestMemory;
 use crate::pci::{
-    BarDef, Capability, IntxLine, Msix, MsixLayout, PciDevice, PciDeviceBuilder, PciError,
-    PciIds,
+    BarDef, Capability, IntxLine, Msix, MsixLayout, PciDevice, PciDeviceBuilder, PciError, PciIds,
 };
 
 use engine::{DmaEngine, DmaJob, DoorbellPoller, SharedRegs};
@@ -104,7 +103,8 @@ impl TestDevice {
             subsystem_vendor_id: regs::VENDOR_ID,
             subsystem_id: regs::DEVICE_ID,
         };
-        let vendor = Capability::vendor(b"EMUDEV\0\0\0").map_err(|e| TestDevError::Cap(e.to_string()))?;
+        let vendor =
+            Capability::vendor(b"EMUDEV\0\0\0").map_err(|e| TestDevError::Cap(e.to_string()))?;
         let pci = PciDeviceBuilder::new(ids)
             .interrupt_pin(1)
             .bar(usize::from(regs::REGS_BAR), BarDef::mem32(regs::BAR_SIZE))
@@ -271,7 +271,11 @@ impl DeviceModel for TestDevice {
             regs::REGS_BAR => {
                 // Aligned 4- and 8-byte writes; an 8-byte write is two register writes.
                 if offset % 4 != 0 || !matches!(data.len(), 4 | 8) {
-                    log::debug!("{}: dropped {}-byte write at {offset:#x}", self.name, data.len());
+                    log::debug!(
+                        "{}: dropped {}-byte write at {offset:#x}",
+                        self.name,
+                        data.len()
+                    );
                     return;
                 }
                 for (i, c) in data.chunks_exact(4).enumerate() {
@@ -341,7 +345,12 @@ impl DeviceModel for TestDevice {
     fn attr(&self, key: &str) -> Option<String> {
         match key {
             "scratch" => Some(self.scratch.to_string()),
-            "doorbells" => Some(self.shared.doorbell_count.load(Ordering::Acquire).to_string()),
+            "doorbells" => Some(
+                self.shared
+                    .doorbell_count
+                    .load(Ordering::Acquire)
+                    .to_string(),
+            ),
             _ => None,
         }
     }

@@ -76,7 +76,8 @@ impl DmaTransport for LocalClientMemory {
         self.with(addr, buf.len(), |s| s.copy_to(buf)).map(|_| ())
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.with(addr, data.len(), |s| s.copy_from(data)).map(|_| ())
+        self.with(addr, data.len(), |s| s.copy_from(data))
+            .map(|_| ())
     }
 }
 
@@ -149,7 +150,10 @@ impl<D: DeviceModel> InProc<D> {
         let fd = memfd("emudev-inproc-ram", size)?;
         let req = map_req(gpa, size);
         let added = self.table.map(&req, Some(fd)).map_err(dev_err("DMA_MAP"))?;
-        let view = added.mapping.clone().ok_or(InProcError::Missing("mapping"))?;
+        let view = added
+            .mapping
+            .clone()
+            .ok_or(InProcError::Missing("mapping"))?;
         let r = self.adapter.dma_map(self.table.regions(), &added);
         self.refresh_view();
         r.map_err(dev_err("DMA_MAP"))?;
@@ -273,10 +277,18 @@ impl<D: DeviceModel> InProc<D> {
             waiters.push(IrqWaiter(ev));
         }
         self.adapter
-            .set_irqs(irq_index::MSIX, IrqAction::Trigger, 0, n, IrqData::Eventfds(fds))
+            .set_irqs(
+                irq_index::MSIX,
+                IrqAction::Trigger,
+                0,
+                n,
+                IrqData::Eventfds(fds),
+            )
             .map_err(dev_err("SET_IRQS(MSIX)"))?;
         let ctrl_off = u64::from(cap.offset) + 2;
-        let ctrl = self.config_read16(ctrl_off).map_err(dev_err("config read"))?;
+        let ctrl = self
+            .config_read16(ctrl_off)
+            .map_err(dev_err("config read"))?;
         self.config_write16(ctrl_off, ctrl | 0x8000)
             .map_err(dev_err("config write"))?;
         Ok(waiters)

@@ -82,7 +82,11 @@ struct Resampler {
 }
 
 impl Resampler {
-    fn spawn(name: &str, intx: Arc<crate::pci::IntxLine>, fd: Arc<crate::pci::EventFd>) -> Option<Self> {
+    fn spawn(
+        name: &str,
+        intx: Arc<crate::pci::IntxLine>,
+        fd: Arc<crate::pci::EventFd>,
+    ) -> Option<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -145,7 +149,11 @@ impl<D: DeviceModel> std::fmt::Debug for VfioUserAdapter<D> {
 
 impl<D: DeviceModel> VfioUserAdapter<D> {
     pub fn new(dev: D) -> Self {
-        Self::with_parts(Arc::new(Mutex::new(dev)), StateCell::default(), Arc::default())
+        Self::with_parts(
+            Arc::new(Mutex::new(dev)),
+            StateCell::default(),
+            Arc::default(),
+        )
     }
 
     /// Build around a device the caller also keeps (the manager does, for attributes).
@@ -280,12 +288,18 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
                 flags: EV | irq_info_flags::MASKABLE | irq_info_flags::AUTOMASKED,
                 count: u32::from(pci.config().u8_at(crate::pci::reg::INTERRUPT_PIN) != 0),
             },
-            irq_index::MSI => IrqDesc { flags: EV, count: 0 },
+            irq_index::MSI => IrqDesc {
+                flags: EV,
+                count: 0,
+            },
             irq_index::MSIX => IrqDesc {
                 flags: EV | irq_info_flags::MASKABLE,
                 count: pci.msix().map_or(0, |m| u32::from(m.num_vectors())),
             },
-            irq_index::ERR | irq_index::REQ => IrqDesc { flags: EV, count: 1 },
+            irq_index::ERR | irq_index::REQ => IrqDesc {
+                flags: EV,
+                count: 1,
+            },
             _ => return None,
         })
     }
@@ -333,9 +347,19 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
         }
     }
 
-    fn set_msix(&mut self, action: IrqAction, start: u32, count: u32, data: IrqData) -> Result<(), Errno> {
+    fn set_msix(
+        &mut self,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<(), Errno> {
         let Some(msix) = lock_dev(&self.dev).pci().msix().cloned() else {
-            return if count == 0 { Ok(()) } else { Err(Errno::EINVAL) };
+            return if count == 0 {
+                Ok(())
+            } else {
+                Err(Errno::EINVAL)
+            };
         };
         let mut result = Ok(());
         let mut note = |r: Result<(), Errno>| {
@@ -347,7 +371,11 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
             (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
                 for (i, fd) in fds.into_iter().enumerate() {
                     let v = start.saturating_add(i as u32);
-                    note(msix.set_vector_fd(v, fd).map(|_| ()).map_err(|_| Errno::EINVAL));
+                    note(
+                        msix.set_vector_fd(v, fd)
+                            .map(|_| ())
+                            .map_err(|_| Errno::EINVAL),
+                    );
                 }
             }
             (_, IrqData::Eventfds(_)) => return Err(Errno::EINVAL),
@@ -414,7 +442,10 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
     }
 
     fn config_write(d: &mut D, offset: u64, data: &[u8]) -> Result<bool, Errno> {
-        let events = d.pci().config_write(offset, data).map_err(|_| Errno::EINVAL)?;
+        let events = d
+            .pci()
+            .config_write(offset, data)
+            .map_err(|_| Errno::EINVAL)?;
         d.config_written(offset, data.len());
         if !events.is_empty() {
             d.config_events(&events);
@@ -496,7 +527,9 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
         match index {
-            0..=5 => self.call("BAR read", |d| Self::bar_access_read(d, index as u8, offset, data))?,
+            0..=5 => self.call("BAR read", |d| {
+                Self::bar_access_read(d, index as u8, offset, data)
+            })?,
             region_index::ROM => {
                 data.fill(0);
                 Ok(())
@@ -511,7 +544,9 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         match index {
-            0..=5 => self.call("BAR write", |d| Self::bar_access_write(d, index as u8, offset, data))?,
+            0..=5 => self.call("BAR write", |d| {
+                Self::bar_access_write(d, index as u8, offset, data)
+            })?,
             region_index::ROM => Ok(()),
             region_index::CONFIG => {
                 let flr = self.call("config write", |d| Self::config_write(d, offset, data))??;
@@ -525,7 +560,10 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
     }
 
     fn region_io_fds(&mut self, index: u32) -> Result<Vec<IoEventFd>, Errno> {
-        let bar = u8::try_from(index).ok().filter(|b| *b <= 5).ok_or(Errno::EINVAL)?;
+        let bar = u8::try_from(index)
+            .ok()
+            .filter(|b| *b <= 5)
+            .ok_or(Errno::EINVAL)?;
         self.call("ioeventfds", |d| d.ioeventfds(bar))
     }
 

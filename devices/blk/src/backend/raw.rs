@@ -266,7 +266,7 @@ impl RawFile {
                 // SAFETY: as above; the kernel only reads these ranges.
                 Dir::Write => unsafe { libc::pwritev(fd, iov.as_ptr(), n as libc::c_int, off) },
             };
-            drop(guards);
+            // `guards` lives until the end of this iteration, past the syscall.
             if ret < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

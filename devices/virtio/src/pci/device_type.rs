@@ -16,8 +16,9 @@ pub trait VirtioDeviceType: Send {
     /// 24-bit PCI class code (block 0x018000, network 0x020000).
     fn class_code(&self) -> u32;
 
-    /// Features offered, device-specific and transport bits. The transport adds
-    /// VIRTIO_F_VERSION_1.
+    /// Features offered, device-specific and transport bits (INDIRECT_DESC, EVENT_IDX,
+    /// ACCESS_PLATFORM, RING_PACKED... as the engine supports them). The transport adds
+    /// VIRTIO_F_VERSION_1 and VIRTIO_F_RING_RESET.
     fn features(&self) -> u64;
 
     /// Device-type check of the driver's features at FEATURES_OK (the transport has already

@@ -71,7 +71,9 @@ pub fn decode(offset: u64, len: usize) -> Option<(BarRegion, u64)> {
 
 /// `struct virtio_pci_cap` after the id, next and length bytes (which the PCI capability
 /// builder owns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct VirtioPciCapBody {
     pub cfg_type: u8,
@@ -129,7 +131,10 @@ pub fn virtio_caps(num_queues: u16, device_cfg_len: u64) -> Vec<VirtioCap> {
     };
     let notify_len = u64::from(num_queues.clamp(1, MAX_QUEUES)) * u64::from(NOTIFY_OFF_MULTIPLIER);
     let mut caps = vec![
-        ro(body(cfg_type::COMMON, VIRTIO_BAR, COMMON_OFFSET, COMMON_SIZE), None),
+        ro(
+            body(cfg_type::COMMON, VIRTIO_BAR, COMMON_OFFSET, COMMON_SIZE),
+            None,
+        ),
         ro(
             body(cfg_type::NOTIFY, VIRTIO_BAR, NOTIFY_OFFSET, notify_len),
             Some(NOTIFY_OFF_MULTIPLIER.to_le_bytes()),

@@ -23,7 +23,9 @@ pub use common_cfg::{CommonCfg, CommonCfgHooks, QueueRegs, VIRTIO_MSI_NO_VECTOR}
 pub use device_type::VirtioDeviceType;
 pub use interrupt::{QueueNotifier, VirtioInterrupts};
 pub use stats::{QueueStats, TransportStats};
-pub use transport::{VirtioPciDevice, VirtioPciError, DEFAULT_ENGINE_TIMEOUT};
+pub use transport::{VirtioPciDevice, VirtioPciError, DEFAULT_ENGINE_TIMEOUT, TRANSPORT_FEATURES};
 
+#[cfg(test)]
+mod e2e_tests;
 #[cfg(test)]
 mod tests;

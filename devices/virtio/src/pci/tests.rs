@@ -311,7 +311,17 @@ fn bring_up_starts_queues_after_features() {
             }
         )
     );
-    assert!(matches!(ev[2], Ev::Start(1, QueueConfig { size: 128, desc_addr: 0x11_0000, .. })));
+    assert!(matches!(
+        ev[2],
+        Ev::Start(
+            1,
+            QueueConfig {
+                size: 128,
+                desc_addr: 0x11_0000,
+                ..
+            }
+        )
+    ));
     assert_eq!(ev.len(), 3);
     assert!(d.queue_started(0) && d.queue_started(1));
     assert_eq!(d.stats().queues[0].starts, 1);
@@ -383,7 +393,13 @@ fn queue_reset_stops_one_queue_and_reenable_restarts_it() {
     wr(&mut d, co::QUEUE_ENABLE, 2, 1);
     assert!(matches!(
         events(&s).as_slice(),
-        [Ev::Start(1, QueueConfig { desc_addr: 0x20_0000, .. })]
+        [Ev::Start(
+            1,
+            QueueConfig {
+                desc_addr: 0x20_0000,
+                ..
+            }
+        )]
     ));
 }
 
@@ -393,7 +409,15 @@ fn notify_write_rings_the_kick() {
     // Before the queue runs, a notify does nothing.
     wr(&mut d, layout::NOTIFY_OFFSET + 4, 2, 1);
     bring_up(&mut d, VIRTIO_F_VERSION_1);
-    let kick1 = s.lock().unwrap().kicks.iter().find(|k| k.0 == 1).unwrap().1.clone();
+    let kick1 = s
+        .lock()
+        .unwrap()
+        .kicks
+        .iter()
+        .find(|k| k.0 == 1)
+        .unwrap()
+        .1
+        .clone();
     // The start itself rings once so buffers queued before DRIVER_OK are seen.
     assert_eq!(kick1.drain(), 1);
     wr(&mut d, layout::NOTIFY_OFFSET + 4, 2, 1);
@@ -480,7 +504,10 @@ fn failed_queue_start_sets_needs_reset() {
     let (mut d, s) = device();
     s.lock().unwrap().fail_start = true;
     bring_up(&mut d, VIRTIO_F_VERSION_1);
-    assert_ne!(rd(&mut d, co::DEVICE_STATUS, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(
+        rd(&mut d, co::DEVICE_STATUS, 1) as u8 & status::DEVICE_NEEDS_RESET,
+        0
+    );
     assert!(!d.queue_started(0));
 }
 
@@ -493,14 +520,18 @@ fn device_config_and_generation() {
     // Read-only part: no change, no bump.
     wr(&mut d, layout::DEVICE_CFG_OFFSET, 4, 5);
     assert_eq!(rd(&mut d, co::CONFIG_GENERATION, 1), g0);
-    wr(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4, 0xabcd);
-    assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4), 0xabcd);
+    wr(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4, 0x1234_abcd);
+    assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4), 0x1234_abcd);
     assert_eq!(rd(&mut d, co::CONFIG_GENERATION, 1), g0 + 1);
     // Beyond the structure: zero, writes ignored.
     assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 12, 4), 0);
-    assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 10, 4), 0xab);
+    assert_eq!(
+        rd(&mut d, layout::DEVICE_CFG_OFFSET + 10, 4),
+        0x1234,
+        "partly inside"
+    );
     wr(&mut d, layout::DEVICE_CFG_OFFSET + 10, 4, 0xffff_ffff);
-    assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4), 0xabcd);
+    assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET + 8, 4), 0x1234_abcd);
     // Device-side change through an attribute.
     d.set_attr("capacity", "77").unwrap();
     assert_eq!(rd(&mut d, layout::DEVICE_CFG_OFFSET, 8), 77);
@@ -557,7 +588,10 @@ fn pci_cfg_window_reaches_the_bar() {
     assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0xf);
     // cfg_type stays read-only.
     cfg_wr(&mut d, base + 3, 1, 0x77);
-    assert_eq!(d.pci().config().u8_at(cap.offset as usize + 3), cfg_type::PCI_CFG);
+    assert_eq!(
+        d.pci().config().u8_at(cap.offset as usize + 3),
+        cfg_type::PCI_CFG
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ use log::{debug, error, warn};
 
 use super::common_cfg::{offset, CommonCfg, CommonCfgHooks};
 use super::device_type::VirtioDeviceType;
-use super::features::{VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1};
+use super::features::{VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use super::interrupt::{QueueNotifier, VirtioInterrupts};
 use super::layout::{
     self, cfg_type, decode, BarRegion, MAX_QUEUES, MSIX_BAR, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR,
@@ -39,6 +39,9 @@ use crate::queue::{QueueConfig, QueueError};
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern virtio PCI device ids are this plus the virtio device id.
 pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+/// Features the transport implements itself and always offers: modern interface and
+/// per-queue reset (the common window covers `queue_reset`).
+pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_RESET;
 /// Default bound on waiting for the engine; below QEMU's 5 s message timeout.
 pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -103,7 +106,10 @@ impl Runtime {
         match &r {
             Err(EngineError::Timeout) => {
                 inc(&self.counters.engine_timeouts);
-                error!("{}: engine {what} timed out after {:?}", self.name, self.timeout);
+                error!(
+                    "{}: engine {what} timed out after {:?}",
+                    self.name, self.timeout
+                );
             }
             Err(e) => warn!("{}: engine {what}: {e}", self.name),
             Ok(_) => {}
@@ -331,7 +337,9 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             .iter()
             .find(|c| {
                 c.id == cap_id::VENDOR
-                    && pci.config().u8_at(usize::from(c.offset) + layout::cap_off::CFG_TYPE)
+                    && pci
+                        .config()
+                        .u8_at(usize::from(c.offset) + layout::cap_off::CFG_TYPE)
                         == cfg_type::PCI_CFG
             })
             .map(|c| PciCfgCap::new(c.offset))
@@ -386,7 +394,7 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
                 device: name.clone(),
                 source,
             })?;
-        let common = CommonCfg::new(dev.features() | VIRTIO_F_VERSION_1, &max_sizes, vectors);
+        let common = CommonCfg::new(dev.features() | TRANSPORT_FEATURES, &max_sizes, vectors);
         Ok(Self {
             name,
             dev,
@@ -431,7 +439,11 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
 
     /// Whether queue `index` is running in the engine.
     pub fn queue_started(&self, index: u16) -> bool {
-        self.rt.started.get(usize::from(index)).copied().unwrap_or(false)
+        self.rt
+            .started
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The device configuration changed on the device side: advance `config_generation` and
@@ -535,7 +547,11 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
 
     fn notify_write(&mut self, off: u64, data: &[u8]) {
         if off % u64::from(NOTIFY_OFF_MULTIPLIER) != 0 || data.is_empty() || data.len() > 4 {
-            debug!("{}: notify write at {off:#x} len {} ignored", self.name, data.len());
+            debug!(
+                "{}: notify write at {off:#x} len {} ignored",
+                self.name,
+                data.len()
+            );
             return;
         }
         let Ok(index) = u16::try_from(off / u64::from(NOTIFY_OFF_MULTIPLIER)) else {
@@ -555,14 +571,16 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
     fn virtio_bar_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let Some((region, rel)) = decode(offset, data.len()) else {
-            debug!("{}: BAR read at {offset:#x} len {} ignored", self.name, data.len());
+            debug!(
+                "{}: BAR read at {offset:#x} len {} ignored",
+                self.name,
+                data.len()
+            );
             return;
         };
         match region {
             BarRegion::Common => {
-                if rel <= offset::DEVICE_STATUS
-                    && rel + data.len() as u64 > offset::DEVICE_STATUS
-                {
+                if rel <= offset::DEVICE_STATUS && rel + data.len() as u64 > offset::DEVICE_STATUS {
                     self.sync_needs_reset();
                 }
                 self.common.read(rel, data);
@@ -582,7 +600,11 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
     /// Write of the virtio BAR.
     fn virtio_bar_write(&mut self, offset: u64, data: &[u8]) {
         let Some((region, rel)) = decode(offset, data.len()) else {
-            debug!("{}: BAR write at {offset:#x} len {} ignored", self.name, data.len());
+            debug!(
+                "{}: BAR write at {offset:#x} len {} ignored",
+                self.name,
+                data.len()
+            );
             return;
         };
         match region {

@@ -237,12 +237,10 @@ impl<'a> Cursor<'a> {
             Ok(vs) => {
                 self.cur = Some(vs);
                 let n = vs.len().min(max);
-                Ok(Some(Piece::Host(vs.subslice(0, n).map_err(|_| {
-                    MemError::Unmapped {
-                        gpa,
-                        len: n as u64,
-                    }
-                })?)))
+                Ok(Some(Piece::Host(
+                    vs.subslice(0, n)
+                        .map_err(|_| MemError::Unmapped { gpa, len: n as u64 })?,
+                )))
             }
             Err(MemError::NotMappable { .. }) => Ok(Some(Piece::Guest(gpa, left.min(max)))),
             Err(e) => Err(e.into()),
@@ -253,7 +251,11 @@ impl<'a> Cursor<'a> {
         self.done += n;
         self.remaining -= n;
         if let Some(vs) = self.cur {
-            self.cur = if n < vs.len() { vs.offset(n).ok() } else { None };
+            self.cur = if n < vs.len() {
+                vs.offset(n).ok()
+            } else {
+                None
+            };
         }
         let Some(seg) = self.segs.get(self.idx) else {
             return;

@@ -232,10 +232,12 @@ impl Queue {
                 n.carry_from(r);
                 Ring::Split(n)
             }),
-            Ring::Packed(r) => PackedRing::new(&self.cfg, self.features, &mem, state).map(|mut n| {
-                n.carry_from(r);
-                Ring::Packed(n)
-            }),
+            Ring::Packed(r) => {
+                PackedRing::new(&self.cfg, self.features, &mem, state).map(|mut n| {
+                    n.carry_from(r);
+                    Ring::Packed(n)
+                })
+            }
         };
         match ring {
             Ok(r) => {

@@ -47,8 +47,11 @@ fn translate(
     access: &[Access],
     align: usize,
 ) -> Result<RingArea, QueueError> {
-    RingArea::translate(mem, addr, len, access, align)
-        .map_err(|err| QueueError::RingNotMapped { what, addr, err })
+    RingArea::translate(mem, addr, len, access, align).map_err(|err| QueueError::RingNotMapped {
+        what,
+        addr,
+        err,
+    })
 }
 
 #[inline]
@@ -165,9 +168,11 @@ impl PackedRing {
     }
 
     pub fn has_available(&mut self, mem: &GuestMemory) -> Result<bool, QueueError> {
-        let flags =
-            self.desc
-                .load_u16(mem, 16 * usize::from(self.next_avail) + 14, Ordering::Acquire)?;
+        let flags = self.desc.load_u16(
+            mem,
+            16 * usize::from(self.next_avail) + 14,
+            Ordering::Acquire,
+        )?;
         Ok(is_avail(flags, self.avail_wrap))
     }
 

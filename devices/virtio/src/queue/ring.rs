@@ -117,7 +117,12 @@ impl RingArea {
 
     /// Load a little-endian u16 at `off` (must be 2-aligned within the area).
     #[inline(always)]
-    pub fn load_u16(&self, mem: &GuestMemory, off: usize, order: Ordering) -> Result<u16, MemError> {
+    pub fn load_u16(
+        &self,
+        mem: &GuestMemory,
+        off: usize,
+        order: Ordering,
+    ) -> Result<u16, MemError> {
         match self.at {
             Where::Host(p) => {
                 let q = self.host_at(p, off, 2)?;
@@ -204,8 +209,8 @@ impl RingArea {
                 // and indirect tables are only translated to host pointers when 16-aligned).
                 let lo = unsafe { AtomicU64::from_ptr(q.cast::<u64>()) }.load(Ordering::Relaxed);
                 // SAFETY: as above, second half.
-                let hi = unsafe { AtomicU64::from_ptr(q.add(8).cast::<u64>()) }
-                    .load(Ordering::Relaxed);
+                let hi =
+                    unsafe { AtomicU64::from_ptr(q.add(8).cast::<u64>()) }.load(Ordering::Relaxed);
                 (u64::from_le(lo), u64::from_le(hi))
             }
             Where::Guest(g) => {

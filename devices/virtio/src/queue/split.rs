@@ -46,8 +46,11 @@ fn translate(
     access: &[Access],
     align: usize,
 ) -> Result<RingArea, QueueError> {
-    RingArea::translate(mem, addr, len, access, align)
-        .map_err(|err| QueueError::RingNotMapped { what, addr, err })
+    RingArea::translate(mem, addr, len, access, align).map_err(|err| QueueError::RingNotMapped {
+        what,
+        addr,
+        err,
+    })
 }
 
 impl SplitRing {
@@ -282,7 +285,9 @@ impl SplitRing {
         // Order the used idx store before reading the driver's suppression state.
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
-            let event = self.avail.load_u16(mem, self.used_event_off(), Ordering::Relaxed)?;
+            let event = self
+                .avail
+                .load_u16(mem, self.used_event_off(), Ordering::Relaxed)?;
             // `signalled_used` is only meaningful within one u16 window.
             let valid = self.signalled_valid
                 && new.wrapping_sub(self.signalled_used) >= new.wrapping_sub(old);
@@ -312,8 +317,12 @@ impl SplitRing {
     pub fn set_notifications(&mut self, mem: &GuestMemory, enable: bool) -> Result<(), QueueError> {
         if self.event_idx {
             if enable {
-                self.used
-                    .store_u16(mem, self.avail_event_off(), self.next_avail, Ordering::Relaxed)?;
+                self.used.store_u16(
+                    mem,
+                    self.avail_event_off(),
+                    self.next_avail,
+                    Ordering::Relaxed,
+                )?;
             } else {
                 self.park_avail_event(mem)?;
             }
@@ -341,12 +350,13 @@ pub(crate) fn walk_indirect(
     let n = d.len / 16;
     let align = if d.addr % 16 == 0 { 16 } else { usize::MAX };
     // A misaligned table is still legal; it is then read by copies (align never matches).
-    let table = RingArea::translate(mem, d.addr, d.len as usize, &[Access::Read], align)
-        .map_err(|err| QueueError::RingNotMapped {
+    let table = RingArea::translate(mem, d.addr, d.len as usize, &[Access::Read], align).map_err(
+        |err| QueueError::RingNotMapped {
             what: "indirect table",
             addr: d.addr,
             err,
-        })?;
+        },
+    )?;
     if packed {
         // Packed tables are sequential; NEXT is ignored.
         for i in 0..n as usize {
@@ -377,7 +387,10 @@ pub(crate) fn walk_indirect(
         }
         idx = u32::from(e.w4);
         if idx >= n {
-            return Err(QueueError::DescIndexOutOfRange { index: idx, size: n });
+            return Err(QueueError::DescIndexOutOfRange {
+                index: idx,
+                size: n,
+            });
         }
     }
 }

@@ -18,7 +18,18 @@ const RW: u32 = 3; // dma_flags::READ | dma_flags::WRITE
 /// Guest memory of `size` bytes at `base`, backed by an anonymous mapping (the fd-backed
 /// fast path).
 pub fn anon_memory(base: u64, size: usize) -> Arc<GuestMemory> {
-    let m = Arc::new(MmapRegion::new(size).expect("anonymous mmap"));
+    mapped_memory(base, &anon_region(size))
+}
+
+/// An anonymous mapping to build (several snapshots of) guest memory from.
+pub fn anon_region(size: usize) -> Arc<MmapRegion> {
+    Arc::new(MmapRegion::new(size).expect("anonymous mmap"))
+}
+
+/// A snapshot mapping all of `m` at `base`, read-write.
+pub fn mapped_memory(base: u64, m: &Arc<MmapRegion>) -> Arc<GuestMemory> {
+    let size = m.size();
+    let m = m.clone();
     Arc::new(GuestMemory::from_dma(
         &[DmaRegion {
             iova: base,
@@ -236,13 +247,7 @@ impl SplitDriver {
             );
         }
         let head = self.next_desc;
-        self.write_desc(
-            head,
-            table,
-            16 * bufs.len() as u32,
-            desc_flags::INDIRECT,
-            0,
-        );
+        self.write_desc(head, table, 16 * bufs.len() as u32, desc_flags::INDIRECT, 0);
         self.next_desc = (head + 1) % self.size;
         self.push_head(head);
         head
@@ -258,8 +263,14 @@ impl SplitDriver {
             return None;
         }
         let slot = u64::from(self.last_used % self.size);
-        let id: u32 = self.mem.read_obj(self.used + 4 + 8 * slot).expect("used id");
-        let len: u32 = self.mem.read_obj(self.used + 8 + 8 * slot).expect("used len");
+        let id: u32 = self
+            .mem
+            .read_obj(self.used + 4 + 8 * slot)
+            .expect("used id");
+        let len: u32 = self
+            .mem
+            .read_obj(self.used + 8 + 8 * slot)
+            .expect("used len");
         self.last_used = self.last_used.wrapping_add(1);
         Some((u32::from_le(id), u32::from_le(len)))
     }
@@ -438,7 +449,12 @@ impl PackedDriver {
         let len: u32 = self.mem.read_obj(off + 8).expect("len");
         let id: u16 = self.mem.read_obj(off + 12).expect("id");
         let id = u16::from_le(id);
-        let n = self.id_count.get(usize::from(id)).copied().unwrap_or(1).max(1);
+        let n = self
+            .id_count
+            .get(usize::from(id))
+            .copied()
+            .unwrap_or(1)
+            .max(1);
         let p = u32::from(self.used_pos) + u32::from(n);
         if p >= u32::from(self.size) {
             self.used_pos = (p - u32::from(self.size)) as u16;
