@@ -6,8 +6,9 @@
 # Needs cargo-fuzz (installed here if missing) and a nightly toolchain for the sanitizer
 # flags. Without nightly, RUSTC_BOOTSTRAP=1 lets the stable compiler accept the -Z flags
 # cargo-fuzz passes; we fall back to that (with --sanitizer none) automatically.
-# Crashes land in fuzz/artifacts/<target>/; the corpus grows in fuzz/corpus/<target>/
-# (regenerate the seeds with: cargo test -p emudev-tests --test fuzz_seeds -- --ignored).
+# Crashes land in fuzz/artifacts/<target>/. The checked-in seeds in fuzz/corpus/<target>/ are
+# read only; new inputs go to fuzz/target/corpus/<target>/ (git-ignored), which later runs
+# reuse. Regenerate the seeds with: cargo test -p emudev-tests --test fuzz_seeds -- --ignored
 set -euo pipefail
 
 secs="${1:-60}"
@@ -32,7 +33,8 @@ fi
 # One job on a 2-core machine: leave a core for everyone else.
 for target in $(cargo "${toolchain[@]}" fuzz list); do
     echo "fuzz.sh: ${target} for ${secs}s" >&2
-    mkdir -p "corpus/${target}"
-    cargo "${toolchain[@]}" fuzz run "${sanitizer[@]}" "$target" "corpus/${target}" -- \
+    mkdir -p "corpus/${target}" "target/corpus/${target}"
+    cargo "${toolchain[@]}" fuzz run "${sanitizer[@]}" "$target" \
+        "target/corpus/${target}" "corpus/${target}" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=4096 -max_len=65536 -print_final_stats=1
 done

@@ -9,6 +9,11 @@
 //! Threads: every method here is called from the device's control thread (the vfio-user
 //! connection thread, or the test thread for the in-process transport). Datapath work runs
 //! on poller threads the device hands its queues to; `quiesce` is the handshake with them.
+//! The manager may also call `attr`/`set_attr` from its own thread; the device sits behind
+//! a mutex, so calls never overlap.
+//!
+//! Changes by h4 (all additive, with defaults): [`DeviceModel::config_events`],
+//! [`DeviceModel::set_event_bus`]; `reset` is followed by `PciDevice::reset`.
 
 use std::sync::Arc;
 
@@ -107,6 +112,11 @@ pub trait DeviceModel: Send {
     fn stop(&mut self) {
         let _ = self.quiesce();
     }
+
+    /// The bus the transport publishes this device's events on (reset, memory changed,
+    /// state changes). Called once, before any other call; a device keeps it to publish its
+    /// own events (queue ready/stopped, link changed). Default: ignored.
+    fn set_event_bus(&mut self, _bus: Arc<crate::events::EventBus>) {}
 
     /// Read a device-specific attribute (e.g. "link" for a NIC).
     fn attr(&self, _key: &str) -> Option<String> {

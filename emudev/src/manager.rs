@@ -8,12 +8,13 @@
 //! the device detached) and joins its thread.
 
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
-use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
+use emudev_vfio_user::{Server, ServerError, ServerHandle, ServerOptions};
 
 use crate::device::{DeviceError, DeviceModel, DeviceState};
 use crate::events::{DeviceEvent, EventBus};
@@ -96,15 +97,41 @@ impl DeviceManager {
     }
 
     /// Serve `dev` on a new socket at `socket`, on its own thread. The device's name is its
-    /// key. The socket is listening when this returns.
+    /// key. The socket is listening when this returns and is removed with the device.
     pub fn add<D: DeviceModel + 'static>(
         &self,
         dev: D,
         socket: impl AsRef<Path>,
         options: ServerOptions,
     ) -> Result<(), ManagerError> {
-        let name = dev.name().to_string();
         let path = socket.as_ref().to_path_buf();
+        self.add_with(dev, Some(path.clone()), |adapter| {
+            Server::bind(&path, adapter, options)
+        })
+    }
+
+    /// Serve `dev` on an already-listening socket (socket activation, `--fd`). `path`, if
+    /// known, is only reported; the caller owns the socket file.
+    pub fn add_listener<D: DeviceModel + 'static>(
+        &self,
+        dev: D,
+        listener: UnixListener,
+        path: Option<PathBuf>,
+        options: ServerOptions,
+    ) -> Result<(), ManagerError> {
+        self.add_with(dev, path, |adapter| {
+            Server::from_listener(listener, adapter, options)
+        })
+    }
+
+    fn add_with<D: DeviceModel + 'static>(
+        &self,
+        dev: D,
+        path: Option<PathBuf>,
+        make: impl FnOnce(VfioUserAdapter<D>) -> Result<Server<VfioUserAdapter<D>>, ServerError>,
+    ) -> Result<(), ManagerError> {
+        let name = dev.name().to_string();
+        let shown = path.clone().unwrap_or_default();
         let mut devices = self.lock();
         if devices.contains_key(&name) {
             return Err(ManagerError::Exists(name));
@@ -113,12 +140,12 @@ impl DeviceManager {
         let state = StateCell::default();
         let events = Arc::new(EventBus::default());
         let adapter = VfioUserAdapter::with_parts(shared.clone(), state.clone(), events.clone());
-        let mut server =
-            Server::bind(&path, adapter, options).map_err(|e| ManagerError::Serve {
-                name: name.clone(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let serve_err = |reason: String| ManagerError::Serve {
+            name: name.clone(),
+            path: shown.clone(),
+            reason,
+        };
+        let mut server = make(adapter).map_err(|e| serve_err(e.to_string()))?;
         let handle = server.handle();
         let thread_state = state.clone();
         let thread_name = name.clone();
@@ -135,16 +162,12 @@ impl DeviceManager {
                     thread_state.set(DeviceState::Failed);
                 }
             })
-            .map_err(|e| ManagerError::Serve {
-                name: name.clone(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        log::info!("{name}: serving on {}", path.display());
+            .map_err(|e| serve_err(e.to_string()))?;
+        log::info!("{name}: serving on {}", shown.display());
         devices.insert(
             name,
             Managed {
-                socket: path,
+                socket: shown,
                 state,
                 events,
                 device: shared,

@@ -363,3 +363,16 @@ fn memory_table_swapped_under_load() {
     );
     assert_eq!(d.adapter().state(), DeviceState::Running);
 }
+
+#[test]
+fn page_without_mmap_is_still_served_by_region_access() {
+    let dev = TestDevice::new("nommap").unwrap().with_mmap_page(false);
+    let mut d = InProc::new(dev, 1).unwrap();
+    assert!(d.adapter().region(2).unwrap().mmap.is_none());
+    d.write32(u32::from(regs::PAGE_BAR), 0, 3).unwrap();
+    let t0 = Instant::now();
+    while d.read32(BAR0, regs::PAGE_COUNT).unwrap() != 1 && t0.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    assert_eq!(d.read32(BAR0, regs::PAGE_LAST).unwrap(), 3);
+}

@@ -421,3 +421,30 @@ fn unmap_of_message_memory_during_dma_bounds_stale_access() {
     );
     assert_eq!(mgr.state("sock-msg-unmap"), Some(DeviceState::Running));
 }
+
+#[test]
+fn serves_on_a_listener_the_caller_bound() {
+    let mgr = DeviceManager::new();
+    let path = sock("listener");
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    mgr.add_listener(
+        TestDevice::new("from-fd").unwrap(),
+        l,
+        Some(path.clone()),
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let mut c = connect(&path);
+    assert_eq!(rd32(&mut c, 0, regs::ID), regs::MAGIC);
+    let st = mgr.list();
+    assert_eq!(st.len(), 1);
+    assert_eq!((st[0].name.as_str(), st[0].serving), ("from-fd", true));
+    mgr.remove("from-fd").unwrap();
+    assert!(rd_fails(&mut c));
+    let _ = std::fs::remove_file(&path);
+}
+
+fn rd_fails(c: &mut Client) -> bool {
+    c.region_read(0, 0, 4).is_err()
+}

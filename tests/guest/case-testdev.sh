@@ -16,7 +16,7 @@ for f in "$BIN/testdev-server" "$KO" "$MMIO"; do
     [ -e "$f" ] || { echo "FAIL: missing $f"; exit 1; }
 done
 # Checks the guest must report per mode; fewer means the guest stopped early.
-EXPECTED_CHECKS=20
+EXPECTED_CHECKS=22
 
 cat >"$WORKDIR/guest.sh" <<'GUEST'
 #!/bin/sh
@@ -57,7 +57,12 @@ if [ "${drv##*/}" != emudev_testdev ] || [ ! -e "$dev/selftest" ]; then
 fi
 pass "emudev_testdev bound to $bdf"
 echo "+ lspci -vv -s $bdf"; lspci -vv -s "$bdf"
-check "lspci -vv: MSI-X: Enable+" sh -c "lspci -vv -s $bdf | grep -q 'MSI-X: Enable+'"
+caps=$(lspci -vv -s "$bdf" | sed -n 's/^[[:space:]]*Capabilities: \[[0-9a-f]*\] //p' | cut -c1-24 | tr '\n' '|')
+echo "capability chain: $caps"
+case $caps in
+    *"Power Management"*"Vendor Specific"*"MSI-X: Enable+ Count=4"*) pass "lspci -vv capability chain PM, vendor, MSI-X: Enable+ Count=4" ;;
+    *) fail "lspci -vv capability chain PM, vendor, MSI-X: Enable+ Count=4 (got $caps)" ;;
+esac
 echo "+ grep emudev /proc/interrupts"; grep emudev /proc/interrupts
 
 # irqs VECTOR: total count of handler "emudev-testdev-VECTOR" over all CPUs
@@ -109,6 +114,13 @@ check "doorbell page slot acknowledged back to 0 (got $p)" [ "$p" = 0x0 ]
 echo "+ rmmod emudev_testdev"
 check "rmmod" rmmod emudev_testdev
 check "driver unbound" [ ! -e "$dev/driver" ]
+# a second bind: MSI-X set up again from scratch, DMA still works, clean unload again
+echo "+ insmod again"
+insmod /extra/emudev_testdev.ko
+check "rebind: MSI-X vector 0 and DMA copy after reload" sh -c \
+    "[ -e $dev/selftest ] && echo 'irq 0' >$dev/selftest && grep -q '^ok' $dev/selftest && echo copy >$dev/selftest && grep -q '^ok' $dev/selftest"
+cat "$dev/selftest" 2>/dev/null
+check "rmmod after reload" rmmod emudev_testdev
 dmesg | grep -i emudev | tail -5
 if dmesg | grep -E -q 'BUG:|WARNING:|Oops|general protection'; then
     dmesg | grep -E -A20 'BUG:|WARNING:|Oops|general protection'

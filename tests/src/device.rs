@@ -34,7 +34,12 @@ pub struct SeenDma {
 
 impl From<&DmaRegion> for SeenDma {
     fn from(r: &DmaRegion) -> Self {
-        Self { iova: r.iova, size: r.size, prot: r.prot, mapped: r.mapping.is_some() }
+        Self {
+            iova: r.iova,
+            size: r.size,
+            prot: r.prot,
+            mapped: r.mapping.is_some(),
+        }
     }
 }
 
@@ -138,7 +143,11 @@ impl TestDevice {
     /// Also expose a BAR0 of [`BAR0_SIZE`] bytes backed by `fd`, mmap-able in the given
     /// sparse areas (empty: whole region), so region info carries a capability chain.
     pub fn with_mmap_bar0(mut self, fd: Arc<OwnedFd>, areas: Vec<SparseArea>) -> Self {
-        self.bar0_mmap = Some(RegionMmap { fd, file_offset: 0, areas });
+        self.bar0_mmap = Some(RegionMmap {
+            fd,
+            file_offset: 0,
+            areas,
+        });
         self
     }
 
@@ -179,8 +188,16 @@ impl ServerDevice for TestDevice {
             return None;
         }
         let size = self.region_len(index);
-        let flags = if size > 0 { region_flags::READ | region_flags::WRITE } else { 0 };
-        let mmap = if index == 0 { self.bar0_mmap.clone() } else { None };
+        let flags = if size > 0 {
+            region_flags::READ | region_flags::WRITE
+        } else {
+            0
+        };
+        let mmap = if index == 0 {
+            self.bar0_mmap.clone()
+        } else {
+            None
+        };
         Some(RegionDesc { size, flags, mmap })
     }
 
@@ -301,7 +318,8 @@ mod tests {
     #[test]
     fn config_writes_respect_the_mask() {
         let (mut d, h) = TestDevice::new();
-        d.region_write(region_index::CONFIG, 0x18, &[0xff; 4]).unwrap();
+        d.region_write(region_index::CONFIG, 0x18, &[0xff; 4])
+            .unwrap();
         d.region_write(region_index::CONFIG, 0x00, &[0; 4]).unwrap();
         let mut b = [0u8; 4];
         d.region_read(region_index::CONFIG, 0x18, &mut b).unwrap();

@@ -103,7 +103,9 @@ pub fn load(name: &str) -> Result<Option<Capture>, String> {
             return Ok(None);
         }
     };
-    parse_strace(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    parse_strace(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// One `sendmsg`/`recvmsg` call: its bytes (as many as the call returned) and fd count.
@@ -211,7 +213,7 @@ fn parse_line(line: &[u8], lineno: usize) -> Result<Option<Call>, ParseError> {
     }
     let ret = usize::try_from(ret).map_err(|_| syntax("bad return value"))?;
     let mut bytes = Vec::new();
-    let mut rest = &rest[..];
+    let mut rest = rest;
     while let Some(p) = find(rest, b"iov_base=\"") {
         let (s, after) = c_string(&rest[p + b"iov_base=\"".len()..]).ok_or(syntax("bad string"))?;
         if after.starts_with(b"...") {
@@ -229,18 +231,29 @@ fn parse_line(line: &[u8], lineno: usize) -> Result<Option<Call>, ParseError> {
     let mut ctl = rest;
     while let Some(p) = find(ctl, b"cmsg_data=[") {
         let body = &ctl[p + b"cmsg_data=[".len()..];
-        let end = body.iter().position(|&b| b == b']').ok_or(syntax("bad cmsg_data"))?;
+        let end = body
+            .iter()
+            .position(|&b| b == b']')
+            .ok_or(syntax("bad cmsg_data"))?;
         let list = &body[..end];
         if !list.iter().all(|b| b.is_ascii_whitespace()) {
             nfds += list.split(|&b| b == b',').count();
         }
         ctl = &body[end..];
     }
-    Ok(Some(Call { fd, dir, bytes, nfds }))
+    Ok(Some(Call {
+        fd,
+        dir,
+        bytes,
+        nfds,
+    }))
 }
 
+/// The bytes of one call and its fd count.
+type CallBytes = (Vec<u8>, usize);
+
 /// Split one direction's byte stream into messages.
-fn split(fd: i32, calls: &[(Vec<u8>, usize)]) -> Result<Vec<CapturedMsg>, ParseError> {
+fn split(fd: i32, calls: &[CallBytes]) -> Result<Vec<CapturedMsg>, ParseError> {
     let mut stream = Vec::new();
     // (stream offset of the call's first byte, fd count)
     let mut fd_marks = Vec::new();
@@ -259,7 +272,11 @@ fn split(fd: i32, calls: &[(Vec<u8>, usize)]) -> Result<Vec<CapturedMsg>, ParseE
         };
         let size = header.msg_size as usize;
         if size < HEADER_SIZE {
-            return Err(ParseError::BadSize { fd, offset: off, size: header.msg_size });
+            return Err(ParseError::BadSize {
+                fd,
+                offset: off,
+                size: header.msg_size,
+            });
         }
         if size > left {
             return Err(ParseError::Trailing { fd, left });
@@ -269,7 +286,11 @@ fn split(fd: i32, calls: &[(Vec<u8>, usize)]) -> Result<Vec<CapturedMsg>, ParseE
             .filter(|(at, _)| (off..off + size).contains(at))
             .map(|(_, n)| n)
             .sum();
-        out.push(CapturedMsg { header, bytes: stream[off..off + size].to_vec(), nfds });
+        out.push(CapturedMsg {
+            header,
+            bytes: stream[off..off + size].to_vec(),
+            nfds,
+        });
         off += size;
     }
     Ok(out)
@@ -277,10 +298,13 @@ fn split(fd: i32, calls: &[(Vec<u8>, usize)]) -> Result<Vec<CapturedMsg>, ParseE
 
 /// Parse a whole capture.
 pub fn parse_strace(text: &str) -> Result<Capture, ParseError> {
-    let mut calls: BTreeMap<(i32, Direction), Vec<(Vec<u8>, usize)>> = BTreeMap::new();
+    let mut calls: BTreeMap<(i32, Direction), Vec<CallBytes>> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if let Some(c) = parse_line(line.as_bytes(), i + 1)? {
-            calls.entry((c.fd, c.dir)).or_default().push((c.bytes, c.nfds));
+            calls
+                .entry((c.fd, c.dir))
+                .or_default()
+                .push((c.bytes, c.nfds));
         }
     }
     let mut cap = Capture::default();
@@ -327,12 +351,18 @@ mod tests {
     #[test]
     fn truncated_string_is_an_error() {
         let text = "1 0.1 sendmsg(11, {msg_iov=[{iov_base=\"\\1\\0\"..., iov_len=99}]}, 0) = 99\n";
-        assert_eq!(parse_strace(text).unwrap_err(), ParseError::Truncated { line: 1 });
+        assert_eq!(
+            parse_strace(text).unwrap_err(),
+            ParseError::Truncated { line: 1 }
+        );
     }
 
     #[test]
     fn trailing_partial_message_is_an_error() {
         let text = "1 0.1 sendmsg(3, {msg_iov=[{iov_base=\"\\1\\0\\2\\0\\40\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\", iov_len=16}]}, 0) = 16\n";
-        assert!(matches!(parse_strace(text), Err(ParseError::Trailing { fd: 3, left: 16 })));
+        assert!(matches!(
+            parse_strace(text),
+            Err(ParseError::Trailing { fd: 3, left: 16 })
+        ));
     }
 }

@@ -53,7 +53,13 @@ impl TestServer {
         let path = dir.0.join("vfio-user.sock");
         let server = Server::bind(&path, dev, options).expect("bind server");
         let (handle, join) = server.spawn();
-        Self { path, handle, dev: h, join: Some(join), _dir: dir }
+        Self {
+            path,
+            handle,
+            dev: h,
+            join: Some(join),
+            _dir: dir,
+        }
     }
 
     /// A raw client connection (not yet negotiated).

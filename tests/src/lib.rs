@@ -3,5 +3,5 @@
 
 pub mod device;
 pub mod fixtures;
-pub mod raw;
 pub mod harness;
+pub mod raw;

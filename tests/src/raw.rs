@@ -143,14 +143,19 @@ impl RawClient {
         let mut fds = Vec::new();
         let mut hb = [0u8; HEADER_SIZE];
         self.read_exact(&mut hb, &mut fds, deadline)?;
-        let header = Header::read_from_bytes(&hb[..]).map_err(|_| RawError::Bad("header".into()))?;
+        let header =
+            Header::read_from_bytes(&hb[..]).map_err(|_| RawError::Bad("header".into()))?;
         let size = header.msg_size as usize;
-        if size < HEADER_SIZE || size > (1 << 21) {
+        if !(HEADER_SIZE..=(1 << 21)).contains(&size) {
             return Err(RawError::Bad(format!("msg_size {size}")));
         }
         let mut payload = vec![0u8; size - HEADER_SIZE];
         self.read_exact(&mut payload, &mut fds, deadline)?;
-        Ok(Reply { header, payload, fds })
+        Ok(Reply {
+            header,
+            payload,
+            fds,
+        })
     }
 
     /// Receive one whole message within [`TIMEOUT`].
@@ -212,7 +217,10 @@ impl RawClient {
     pub fn negotiate(&self) -> Result<Reply, RawError> {
         let r = self.call(&version_request(0, 0, 0, Some(QEMU_CAPS_JSON)), &[])?;
         if r.header.is_error() {
-            return Err(RawError::Bad(format!("VERSION refused: errno {}", r.header.error)));
+            return Err(RawError::Bad(format!(
+                "VERSION refused: errno {}",
+                r.header.error
+            )));
         }
         Ok(r)
     }
@@ -220,7 +228,9 @@ impl RawClient {
 
 /// Check the shape of a success reply to `req`: id and command echoed, flags = REPLY.
 pub fn check_ok(req: &[u8], r: &Reply) -> Result<(), String> {
-    let h = Header::read_from_prefix(req).map_err(|_| "short request".to_string())?.0;
+    let h = Header::read_from_prefix(req)
+        .map_err(|_| "short request".to_string())?
+        .0;
     if r.header.msg_id != h.msg_id || r.header.command != h.command {
         return Err(format!(
             "reply id/cmd {}/{} for request {}/{}",
@@ -243,8 +253,16 @@ pub fn check_ok(req: &[u8], r: &Reply) -> Result<(), String> {
 
 /// Check an error reply to `req`: header only, flags 0x21, id and command echoed, `errno`.
 pub fn check_err(req: &[u8], r: &Reply, errno: i32) -> Result<(), String> {
-    let h = Header::read_from_prefix(req).map_err(|_| "short request".to_string())?.0;
-    let want = (h.msg_id, h.command, HEADER_SIZE as u32, 0x21u32, errno as u32);
+    let h = Header::read_from_prefix(req)
+        .map_err(|_| "short request".to_string())?
+        .0;
+    let want = (
+        h.msg_id,
+        h.command,
+        HEADER_SIZE as u32,
+        0x21u32,
+        errno as u32,
+    );
     let got = (
         r.header.msg_id,
         r.header.command,
@@ -264,13 +282,18 @@ pub fn check_err(req: &[u8], r: &Reply, errno: i32) -> Result<(), String> {
 
 /// Number of open fds of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// A memfd of `size` bytes (sparse).
 pub fn memfd(size: u64) -> OwnedFd {
-    let fd = nix::sys::memfd::memfd_create(c"emudev-test", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-        .expect("memfd_create");
+    let fd = nix::sys::memfd::memfd_create(
+        c"emudev-test",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .expect("memfd_create");
     nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
     fd
 }
@@ -287,7 +310,9 @@ pub fn eventfd() -> OwnedFd {
 /// Signal an eventfd through any fd that refers to it (e.g. the server's dup).
 pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
     let one = 1u64.to_ne_bytes();
-    nix::unistd::write(fd, &one).map(|_| ()).map_err(io::Error::from)
+    nix::unistd::write(fd, &one)
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 /// Read (and reset) an eventfd's counter; 0 if it was not signalled.

@@ -30,7 +30,16 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn get_info(id: u16) -> Vec<u8> {
-    msg(id, cmd::DEVICE_GET_INFO, 0, DeviceInfo { argsz: 16, ..Default::default() }.as_bytes())
+    msg(
+        id,
+        cmd::DEVICE_GET_INFO,
+        0,
+        DeviceInfo {
+            argsz: 16,
+            ..Default::default()
+        }
+        .as_bytes(),
+    )
 }
 
 /// The connection still serves requests: GET_INFO gets a well-formed success reply.
@@ -51,7 +60,12 @@ fn expect_err(c: &RawClient, req: &[u8], fds: &[BorrowedFd<'_>], errno: i32) {
         panic!("{e}");
     }
     assert_alive(c);
-    assert_eq!(open_fds(), before, "fd leak after {}", cmd::name(Header::read_from_prefix(req).unwrap().0.command));
+    assert_eq!(
+        open_fds(),
+        before,
+        "fd leak after {}",
+        cmd::name(Header::read_from_prefix(req).unwrap().0.command)
+    );
 }
 
 fn expect_ok(c: &RawClient, req: &[u8], fds: &[BorrowedFd<'_>]) -> raw::Reply {
@@ -63,34 +77,77 @@ fn expect_ok(c: &RawClient, req: &[u8], fds: &[BorrowedFd<'_>]) -> raw::Reply {
 }
 
 fn dma_map(id: u16, flags: u32, offset: u64, address: u64, size: u64) -> Vec<u8> {
-    let m = DmaMap { argsz: 32, flags, offset, address, size };
+    let m = DmaMap {
+        argsz: 32,
+        flags,
+        offset,
+        address,
+        size,
+    };
     msg(id, cmd::DMA_MAP, 0, m.as_bytes())
 }
 
 fn dma_unmap(id: u16, flags: u32, address: u64, size: u64) -> Vec<u8> {
-    let m = DmaUnmap { argsz: 24, flags, address, size };
+    let m = DmaUnmap {
+        argsz: 24,
+        flags,
+        address,
+        size,
+    };
     msg(id, cmd::DMA_UNMAP, 0, m.as_bytes())
 }
 
 fn region_read(id: u16, region: u32, offset: u64, count: u32) -> Vec<u8> {
-    msg(id, cmd::REGION_READ, 0, RegionAccess { offset, region, count }.as_bytes())
+    msg(
+        id,
+        cmd::REGION_READ,
+        0,
+        RegionAccess {
+            offset,
+            region,
+            count,
+        }
+        .as_bytes(),
+    )
 }
 
 fn region_write(id: u16, flags: u32, region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = RegionAccess { offset, region, count: data.len() as u32 }.as_bytes().to_vec();
+    let mut p = RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
+    }
+    .as_bytes()
+    .to_vec();
     p.extend_from_slice(data);
     msg(id, cmd::REGION_WRITE, flags, &p)
 }
 
 fn set_irqs(id: u16, flags: u32, index: u32, start: u32, count: u32, extra: &[u8]) -> Vec<u8> {
-    let s = IrqSet { argsz: 20 + extra.len() as u32, flags, index, start, count };
+    let s = IrqSet {
+        argsz: 20 + extra.len() as u32,
+        flags,
+        index,
+        start,
+        count,
+    };
     let mut p = s.as_bytes().to_vec();
     p.extend_from_slice(extra);
     msg(id, cmd::DEVICE_SET_IRQS, 0, &p)
 }
 
 fn region_info(id: u16, argsz: u32, index: u32) -> Vec<u8> {
-    msg(id, cmd::DEVICE_GET_REGION_INFO, 0, RegionInfo { argsz, index, ..Default::default() }.as_bytes())
+    msg(
+        id,
+        cmd::DEVICE_GET_REGION_INFO,
+        0,
+        RegionInfo {
+            argsz,
+            index,
+            ..Default::default()
+        }
+        .as_bytes(),
+    )
 }
 
 fn rss_kib() -> u64 {
@@ -112,7 +169,13 @@ fn header_size_below_header_is_einval() {
     let srv = TestServer::start();
     let c = srv.connect_negotiated();
     for size in [0u32, 8, 15] {
-        let h = Header { msg_id: 3, command: cmd::DEVICE_GET_INFO, msg_size: size, flags: 0, error: 0 };
+        let h = Header {
+            msg_id: 3,
+            command: cmd::DEVICE_GET_INFO,
+            msg_size: size,
+            flags: 0,
+            error: 0,
+        };
         expect_err(&c, h.as_bytes(), &[], EINVAL);
     }
 }
@@ -123,12 +186,27 @@ fn header_claiming_4gib_is_refused_without_allocating() {
     let srv = TestServer::start();
     let c = srv.connect_negotiated();
     let rss = rss_kib();
-    let h = Header { msg_id: 9, command: cmd::REGION_WRITE, msg_size: u32::MAX, flags: 0, error: 0 };
+    let h = Header {
+        msg_id: 9,
+        command: cmd::REGION_WRITE,
+        msg_size: u32::MAX,
+        flags: 0,
+        error: 0,
+    };
     let t = Instant::now();
-    let r = c.call(h.as_bytes(), &[]).expect("reply to an oversized header");
+    let r = c
+        .call(h.as_bytes(), &[])
+        .expect("reply to an oversized header");
     check_err(h.as_bytes(), &r, E2BIG).unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "oversized header answered slowly");
-    assert!(rss_kib() < rss + 64 * 1024, "RSS grew from {rss} KiB to {} KiB", rss_kib());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "oversized header answered slowly"
+    );
+    assert!(
+        rss_kib() < rss + 64 * 1024,
+        "RSS grew from {rss} KiB to {} KiB",
+        rss_kib()
+    );
     // The server now skips 4 GiB of body; the client must reconnect. A new client works.
     drop(c);
     let c2 = connect_retry(&srv.path).unwrap();
@@ -159,10 +237,33 @@ fn bad_message_type_and_unsolicited_reply() {
     let srv = TestServer::start();
     let c = srv.connect_negotiated();
     // Type 2 is neither command nor reply.
-    expect_err(&c, &msg(5, cmd::DEVICE_GET_INFO, 2, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), &[], EINVAL);
+    expect_err(
+        &c,
+        &msg(
+            5,
+            cmd::DEVICE_GET_INFO,
+            2,
+            &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        &[],
+        EINVAL,
+    );
     // An unsolicited reply (with a body) is dropped silently; the next request is answered.
-    c.send(&msg(6, cmd::DMA_READ, hdr_flags::TYPE_REPLY, &[0u8; 40]), &[]).unwrap();
-    c.send(&msg(7, cmd::REGION_READ, hdr_flags::TYPE_REPLY | hdr_flags::ERROR, &[]), &[]).unwrap();
+    c.send(
+        &msg(6, cmd::DMA_READ, hdr_flags::TYPE_REPLY, &[0u8; 40]),
+        &[],
+    )
+    .unwrap();
+    c.send(
+        &msg(
+            7,
+            cmd::REGION_READ,
+            hdr_flags::TYPE_REPLY | hdr_flags::ERROR,
+            &[],
+        ),
+        &[],
+    )
+    .unwrap();
     assert_alive(&c);
 }
 
@@ -176,7 +277,12 @@ fn unknown_and_unsupported_commands_drain_their_body() {
         // answered as one and the next check would see the wrong reply.
         expect_err(&c, &msg(11, command, 0, &get_info(12)), &[], EINVAL);
     }
-    for command in [cmd::DIRTY_PAGES, cmd::DEVICE_FEATURE, cmd::MIG_DATA_READ, cmd::MIG_DATA_WRITE] {
+    for command in [
+        cmd::DIRTY_PAGES,
+        cmd::DEVICE_FEATURE,
+        cmd::MIG_DATA_READ,
+        cmd::MIG_DATA_WRITE,
+    ] {
         expect_err(&c, &msg(13, command, 0, &[0u8; 16]), &[], ENOTSUP);
     }
 }
@@ -227,17 +333,59 @@ fn bad_version_requests() {
     let cases: Vec<(Vec<u8>, i32)> = vec![
         (version_request(1, 1, 0, Some(QEMU_CAPS_JSON)), ENOTSUP),
         // JSON without the NUL.
-        (msg(2, cmd::VERSION, 0, &[&[0u8, 0, 0, 0][..], br#"{"capabilities":{}}"#].concat()), EINVAL),
-        (version_request(3, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": 16"#)), EINVAL),
-        (version_request(4, 0, 0, Some(r#"{"capabilities": 5}"#)), EINVAL),
-        (version_request(5, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": "16"}}"#)), EINVAL),
-        (version_request(6, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": -1}}"#)), EINVAL),
-        (version_request(7, 0, 0, Some(r#"{"capabilities": {"max_data_xfer_size": 0}}"#)), EINVAL),
-        (version_request(8, 0, 0, Some(r#"{"capabilities": {"pgsizes": 512}}"#)), EINVAL),
-        (version_request(9, 0, 0, Some(r#"{"capabilities": {"migration": 1}}"#)), EINVAL),
+        (
+            msg(
+                2,
+                cmd::VERSION,
+                0,
+                &[&[0u8, 0, 0, 0][..], br#"{"capabilities":{}}"#].concat(),
+            ),
+            EINVAL,
+        ),
+        (
+            version_request(3, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": 16"#)),
+            EINVAL,
+        ),
+        (
+            version_request(4, 0, 0, Some(r#"{"capabilities": 5}"#)),
+            EINVAL,
+        ),
+        (
+            version_request(5, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": "16"}}"#)),
+            EINVAL,
+        ),
+        (
+            version_request(6, 0, 0, Some(r#"{"capabilities": {"max_msg_fds": -1}}"#)),
+            EINVAL,
+        ),
+        (
+            version_request(
+                7,
+                0,
+                0,
+                Some(r#"{"capabilities": {"max_data_xfer_size": 0}}"#),
+            ),
+            EINVAL,
+        ),
+        (
+            version_request(8, 0, 0, Some(r#"{"capabilities": {"pgsizes": 512}}"#)),
+            EINVAL,
+        ),
+        (
+            version_request(9, 0, 0, Some(r#"{"capabilities": {"migration": 1}}"#)),
+            EINVAL,
+        ),
         (version_request(10, 0, 0, Some(r#"[1,2]"#)), EINVAL),
         (msg(11, cmd::VERSION, 0, &[0, 0]), EINVAL),
-        (msg(12, cmd::VERSION, 0, &[&[0u8; 4][..], &vec![b' '; 8000], &[0]].concat()), E2BIG),
+        (
+            msg(
+                12,
+                cmd::VERSION,
+                0,
+                &[&[0u8; 4][..], &vec![b' '; 8000], &[0]].concat(),
+            ),
+            E2BIG,
+        ),
     ];
     for (req, errno) in &cases {
         let r = c.call(req, &[]).unwrap();
@@ -252,7 +400,12 @@ fn bad_version_requests() {
     // None of that counted as negotiation.
     check_err(&get_info(14), &c.call(&get_info(14), &[]).unwrap(), EINVAL).unwrap();
     // Unknown keys are ignored.
-    let ok = version_request(15, 0, 0, Some(r#"{"capabilities": {"frobnicate": [1], "max_msg_fds": 4}, "x": 1}"#));
+    let ok = version_request(
+        15,
+        0,
+        0,
+        Some(r#"{"capabilities": {"frobnicate": [1], "max_msg_fds": 4}, "x": 1}"#),
+    );
     let r = expect_ok(&c, &ok, &[]);
     assert_eq!(&r.payload[..4], &[0, 0, 0, 0]);
     assert!(r.header.msg_size <= Header::read_from_prefix(&ok).unwrap().0.msg_size);
@@ -271,7 +424,12 @@ fn version_without_json_and_with_a_tiny_json() {
     let c = srv.connect();
     let req = version_request(1, 0, 0, None);
     let r = expect_ok(&c, &req, &[]);
-    assert!(r.header.msg_size as usize <= req.len(), "reply {} > request {}", r.header.msg_size, req.len());
+    assert!(
+        r.header.msg_size as usize <= req.len(),
+        "reply {} > request {}",
+        r.header.msg_size,
+        req.len()
+    );
     assert_alive(&c);
     drop(c);
     // "{}": the reply fits in 3 bytes of JSON at most.
@@ -294,10 +452,16 @@ fn posted_writes_are_never_answered_and_stay_ordered() {
     let c = srv.connect_negotiated();
     // A posted write, then a read of the same bytes: only the read is answered and it sees
     // the write.
-    c.send(&region_write(20, hdr_flags::NO_REPLY, 2, 0x10, &[1, 2, 3, 4]), &[]).unwrap();
+    c.send(
+        &region_write(20, hdr_flags::NO_REPLY, 2, 0x10, &[1, 2, 3, 4]),
+        &[],
+    )
+    .unwrap();
     // A posted write that fails (bad region) gets no error reply either.
-    c.send(&region_write(21, hdr_flags::NO_REPLY, 42, 0, &[1]), &[]).unwrap();
-    c.send(&msg(22, 0x99, hdr_flags::NO_REPLY, &[0u8; 8]), &[]).unwrap();
+    c.send(&region_write(21, hdr_flags::NO_REPLY, 42, 0, &[1]), &[])
+        .unwrap();
+    c.send(&msg(22, 0x99, hdr_flags::NO_REPLY, &[0u8; 8]), &[])
+        .unwrap();
     let rd = region_read(23, 2, 0x10, 4);
     let r = expect_ok(&c, &rd, &[]);
     assert_eq!(&r.payload[16..], &[1, 2, 3, 4]);
@@ -308,7 +472,11 @@ fn posted_writes_are_never_answered_and_stay_ordered() {
     p.extend_from_slice(&2u32.to_ne_bytes());
     p.extend_from_slice(&2u32.to_ne_bytes());
     p.extend_from_slice(&[9, 8, 0, 0, 0, 0, 0, 0]);
-    c.send(&msg(24, cmd::REGION_WRITE_MULTI, hdr_flags::NO_REPLY, &p), &[]).unwrap();
+    c.send(
+        &msg(24, cmd::REGION_WRITE_MULTI, hdr_flags::NO_REPLY, &p),
+        &[],
+    )
+    .unwrap();
     let r = expect_ok(&c, &region_read(25, 2, 0x20, 2), &[]);
     assert_eq!(&r.payload[16..], &[9, 8]);
     c.assert_silent(Duration::from_millis(100)).unwrap();
@@ -337,18 +505,34 @@ fn region_access_bounds() {
     let len = w.len() as u32;
     w[4..8].copy_from_slice(&len.to_ne_bytes());
     expect_err(&c, &w, &[], EINVAL);
-    let mut p = RegionAccess { offset: 0, region: 2, count: 2 }.as_bytes().to_vec();
+    let mut p = RegionAccess {
+        offset: 0,
+        region: 2,
+        count: 2,
+    }
+    .as_bytes()
+    .to_vec();
     p.extend_from_slice(&[1, 2, 3]);
     expect_err(&c, &msg(9, cmd::REGION_WRITE, 0, &p), &[], EINVAL);
     // A read request carrying data is answered with count bytes only.
-    let mut p = RegionAccess { offset: 0, region: 2, count: 2 }.as_bytes().to_vec();
+    let mut p = RegionAccess {
+        offset: 0,
+        region: 2,
+        count: 2,
+    }
+    .as_bytes()
+    .to_vec();
     p.extend_from_slice(&[0; 6]);
     let r = expect_ok(&c, &msg(10, cmd::REGION_READ, 0, &p), &[]);
     assert_eq!(r.payload.len(), 18);
     // count 0 is an empty success.
     let r = expect_ok(&c, &region_read(11, 2, 0, 0), &[]);
     assert_eq!(r.payload.len(), 16);
-    assert_eq!(srv.dev.lock().bar2, vec![0; BAR2_SIZE as usize], "a refused write reached the device");
+    assert_eq!(
+        srv.dev.lock().bar2,
+        vec![0; BAR2_SIZE as usize],
+        "a refused write reached the device"
+    );
     // The last byte is reachable.
     let r = expect_ok(&c, &region_read(12, 2, BAR2_SIZE - 1, 1), &[]);
     assert_eq!(r.payload.len(), 17);
@@ -361,14 +545,48 @@ fn argsz_too_small_is_einval() {
     let _g = serial();
     let srv = TestServer::start();
     let c = srv.connect_negotiated();
-    expect_err(&c, &msg(1, cmd::DEVICE_GET_INFO, 0, DeviceInfo { argsz: 15, ..Default::default() }.as_bytes()), &[], EINVAL);
+    expect_err(
+        &c,
+        &msg(
+            1,
+            cmd::DEVICE_GET_INFO,
+            0,
+            DeviceInfo {
+                argsz: 15,
+                ..Default::default()
+            }
+            .as_bytes(),
+        ),
+        &[],
+        EINVAL,
+    );
     expect_err(&c, &region_info(2, 31, 7), &[], EINVAL);
     expect_err(&c, &region_info(2, 0, 7), &[], EINVAL);
-    let irq = emudev_vfio_user::wire::IrqInfo { argsz: 8, index: 0, ..Default::default() };
-    expect_err(&c, &msg(3, cmd::DEVICE_GET_IRQ_INFO, 0, irq.as_bytes()), &[], EINVAL);
-    let m = DmaMap { argsz: 31, flags: 3, offset: 0, address: 0x1000, size: 0x1000 };
+    let irq = emudev_vfio_user::wire::IrqInfo {
+        argsz: 8,
+        index: 0,
+        ..Default::default()
+    };
+    expect_err(
+        &c,
+        &msg(3, cmd::DEVICE_GET_IRQ_INFO, 0, irq.as_bytes()),
+        &[],
+        EINVAL,
+    );
+    let m = DmaMap {
+        argsz: 31,
+        flags: 3,
+        offset: 0,
+        address: 0x1000,
+        size: 0x1000,
+    };
     expect_err(&c, &msg(4, cmd::DMA_MAP, 0, m.as_bytes()), &[], EINVAL);
-    let u = DmaUnmap { argsz: 23, flags: 0, address: 0x1000, size: 0x1000 };
+    let u = DmaUnmap {
+        argsz: 23,
+        flags: 0,
+        address: 0x1000,
+        size: 0x1000,
+    };
     expect_err(&c, &msg(5, cmd::DMA_UNMAP, 0, u.as_bytes()), &[], EINVAL);
     let mut s = set_irqs(6, isf::DATA_NONE | isf::ACTION_TRIGGER, 0, 0, 1, &[]);
     s[HEADER_SIZE..HEADER_SIZE + 4].copy_from_slice(&19u32.to_ne_bytes());
@@ -376,7 +594,20 @@ fn argsz_too_small_is_einval() {
     // Huge argsz: the reply is only as big as needed.
     let r = expect_ok(&c, &region_info(7, u32::MAX, 7), &[]);
     assert_eq!(r.payload.len(), 32);
-    let r = expect_ok(&c, &msg(8, cmd::DEVICE_GET_INFO, 0, DeviceInfo { argsz: u32::MAX, ..Default::default() }.as_bytes()), &[]);
+    let r = expect_ok(
+        &c,
+        &msg(
+            8,
+            cmd::DEVICE_GET_INFO,
+            0,
+            DeviceInfo {
+                argsz: u32::MAX,
+                ..Default::default()
+            }
+            .as_bytes(),
+        ),
+        &[],
+    );
     assert_eq!(r.payload.len(), 16);
     expect_err(&c, &region_info(9, 32, 9), &[], EINVAL);
     expect_err(&c, &region_info(9, 32, u32::MAX), &[], EINVAL);
@@ -387,7 +618,13 @@ fn region_info_with_caps_and_small_argsz() {
     let _g = serial();
     let bar = std::sync::Arc::new(raw::memfd(BAR0_SIZE));
     let (dev, h) = TestDevice::new();
-    let dev = dev.with_mmap_bar0(bar, vec![SparseArea { offset: 0x1000, size: 0x1000 }]);
+    let dev = dev.with_mmap_bar0(
+        bar,
+        vec![SparseArea {
+            offset: 0x1000,
+            size: 0x1000,
+        }],
+    );
     let srv = TestServer::start_with(dev, h, ServerOptions::default());
     let c = srv.connect_negotiated();
     let before = open_fds();
@@ -399,17 +636,26 @@ fn region_info_with_caps_and_small_argsz() {
     assert_eq!(i.argsz, 32 + 8 + 8 + 16);
     assert_eq!(i.cap_offset, 0);
     assert_eq!(i.size, BAR0_SIZE);
-    assert_eq!(i.flags, region_flags::READ | region_flags::WRITE | region_flags::MMAP | region_flags::CAPS);
+    // No caps included, so no CAPS flag (as the kernel's VFIO and libvfio-user do).
+    assert_eq!(i.flags, region_flags::READ | region_flags::WRITE | region_flags::MMAP);
     // Retry with the needed size: caps and exactly one fd.
     let r = expect_ok(&c, &region_info(2, i.argsz, 0), &[]);
     assert!(r.header.msg_size as usize <= HEADER_SIZE + i.argsz as usize);
     assert_eq!(r.fds.len(), 1);
     let i2 = RegionInfo::read_from_prefix(&r.payload).unwrap().0;
     assert_eq!(i2.cap_offset, 32);
+    assert_eq!(
+        i2.flags,
+        region_flags::READ | region_flags::WRITE | region_flags::MMAP | region_flags::CAPS
+    );
     let cap = &r.payload[32..];
     assert_eq!(&cap[0..4], &[1, 0, 1, 0], "sparse mmap cap id 1 version 1");
     assert_eq!(u32::from_ne_bytes(cap[4..8].try_into().unwrap()), 0, "next");
-    assert_eq!(u32::from_ne_bytes(cap[8..12].try_into().unwrap()), 1, "nr_areas");
+    assert_eq!(
+        u32::from_ne_bytes(cap[8..12].try_into().unwrap()),
+        1,
+        "nr_areas"
+    );
     assert_eq!(u64::from_ne_bytes(cap[16..24].try_into().unwrap()), 0x1000);
     assert_eq!(u64::from_ne_bytes(cap[24..32].try_into().unwrap()), 0x1000);
     drop(r);
@@ -422,13 +668,25 @@ fn region_info_with_caps_and_small_argsz() {
 fn dma_map_validation() {
     let _g = serial();
     let (dev, h) = TestDevice::new();
-    let srv = TestServer::start_with(dev, h, ServerOptions { max_dma_maps: 3, ..ServerOptions::default() });
+    let srv = TestServer::start_with(
+        dev,
+        h,
+        ServerOptions {
+            max_dma_maps: 3,
+            ..ServerOptions::default()
+        },
+    );
     let c = srv.connect_negotiated();
     let ram = raw::memfd(0x10_0000);
     let ok1 = dma_map(1, 3, 0, 0x10000, 0x10000);
     expect_ok(&c, &ok1, &[ram.as_fd()]);
     // Overlaps: same, inside, straddling either edge.
-    for (a, s) in [(0x10000, 0x10000), (0x18000, 0x1000), (0x8000, 0x10000), (0x1f000, 0x2000)] {
+    for (a, s) in [
+        (0x10000, 0x10000),
+        (0x18000, 0x1000),
+        (0x8000, 0x10000),
+        (0x1f000, 0x2000),
+    ] {
         expect_err(&c, &dma_map(2, 3, 0, a, s), &[ram.as_fd()], EEXIST);
         expect_err(&c, &dma_map(2, 1, 0, a, s), &[], EEXIST);
     }
@@ -439,13 +697,33 @@ fn dma_map_validation() {
     expect_err(&c, &dma_map(6, 0, 0, 0x40000, 0x1000), &[], EINVAL);
     // Two fds.
     let extra = raw::memfd(0x1000);
-    expect_err(&c, &dma_map(7, 3, 0, 0x40000, 0x1000), &[ram.as_fd(), extra.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &dma_map(7, 3, 0, 0x40000, 0x1000),
+        &[ram.as_fd(), extra.as_fd()],
+        EINVAL,
+    );
     // fd range beyond the file, and offset+size overflowing.
-    expect_err(&c, &dma_map(8, 3, 0xff000, 0x40000, 0x2000), &[ram.as_fd()], EINVAL);
-    expect_err(&c, &dma_map(8, 3, u64::MAX - 0xfff, 0x40000, 0x2000), &[ram.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &dma_map(8, 3, 0xff000, 0x40000, 0x2000),
+        &[ram.as_fd()],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &dma_map(8, 3, u64::MAX - 0xfff, 0x40000, 0x2000),
+        &[ram.as_fd()],
+        EINVAL,
+    );
     // An fd that cannot be mmapped (an eventfd).
     let ev = raw::eventfd();
-    expect_err(&c, &dma_map(9, 3, 0, 0x40000, 0x1000), &[ev.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &dma_map(9, 3, 0, 0x40000, 0x1000),
+        &[ev.as_fd()],
+        EINVAL,
+    );
     assert_eq!(srv.dev.lock().dma_table.len(), 1);
     // Table full at 3.
     expect_ok(&c, &dma_map(10, 1, 0, 0x40000, 0x1000), &[]);
@@ -455,9 +733,24 @@ fn dma_map_validation() {
     assert_eq!(
         t,
         vec![
-            SeenDma { iova: 0x10000, size: 0x10000, prot: 3, mapped: true },
-            SeenDma { iova: 0x40000, size: 0x1000, prot: 1, mapped: false },
-            SeenDma { iova: 0x50000, size: 0x1000, prot: 3, mapped: true },
+            SeenDma {
+                iova: 0x10000,
+                size: 0x10000,
+                prot: 3,
+                mapped: true
+            },
+            SeenDma {
+                iova: 0x40000,
+                size: 0x1000,
+                prot: 1,
+                mapped: false
+            },
+            SeenDma {
+                iova: 0x50000,
+                size: 0x1000,
+                prot: 3,
+                mapped: true
+            },
         ]
     );
 }
@@ -472,10 +765,25 @@ fn dma_unmap_validation_and_echo() {
     let ram = raw::memfd(0x10_0000);
     expect_ok(&c, &dma_map(1, 3, 0, 0x10000, 0x10000), &[ram.as_fd()]);
     expect_ok(&c, &dma_map(2, 1, 0, 0x40000, 0x4000), &[]);
-    expect_err(&c, &dma_unmap(3, dma_flags::UNMAP_ALL, 0x10000, 0), &[], EINVAL);
-    expect_err(&c, &dma_unmap(3, dma_flags::UNMAP_ALL, 0, 0x1000), &[], EINVAL);
+    expect_err(
+        &c,
+        &dma_unmap(3, dma_flags::UNMAP_ALL, 0x10000, 0),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &dma_unmap(3, dma_flags::UNMAP_ALL, 0, 0x1000),
+        &[],
+        EINVAL,
+    );
     expect_err(&c, &dma_unmap(4, 1 << 2, 0x10000, 0x10000), &[], EINVAL);
-    expect_err(&c, &dma_unmap(4, dma_flags::UNMAP_GET_DIRTY_BITMAP, 0x10000, 0x10000), &[], ENOTSUP);
+    expect_err(
+        &c,
+        &dma_unmap(4, dma_flags::UNMAP_GET_DIRTY_BITMAP, 0x10000, 0x10000),
+        &[],
+        ENOTSUP,
+    );
     expect_err(&c, &dma_unmap(5, 0, 0x10000, 0), &[], EINVAL);
     expect_err(&c, &dma_unmap(5, 0, u64::MAX, 2), &[], EINVAL);
     // The reply echoes the 24-byte request.
@@ -490,8 +798,18 @@ fn dma_unmap_validation_and_echo() {
     assert_eq!(
         srv.dev.lock().dma_table,
         vec![
-            SeenDma { iova: 0x10000, size: 0x4000, prot: 3, mapped: true },
-            SeenDma { iova: 0x18000, size: 0x8000, prot: 3, mapped: true },
+            SeenDma {
+                iova: 0x10000,
+                size: 0x4000,
+                prot: 3,
+                mapped: true
+            },
+            SeenDma {
+                iova: 0x18000,
+                size: 0x8000,
+                prot: 3,
+                mapped: true
+            },
         ]
     );
     let u = dma_unmap(9, dma_flags::UNMAP_ALL, 0, 0);
@@ -509,41 +827,153 @@ fn set_irqs_validation() {
     let trig = isf::ACTION_TRIGGER;
     let ev = raw::eventfd();
     let ev2 = raw::eventfd();
-    expect_err(&c, &set_irqs(1, isf::DATA_NONE | trig, 5, 0, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(1, isf::DATA_NONE | trig, u32::MAX, 0, 1, &[]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(1, isf::DATA_NONE | trig, 5, 0, 1, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(1, isf::DATA_NONE | trig, u32::MAX, 0, 1, &[]),
+        &[],
+        EINVAL,
+    );
     // start + count overflow, start beyond count.
-    expect_err(&c, &set_irqs(2, isf::DATA_NONE | trig, 0, u32::MAX, 2, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(2, isf::DATA_NONE | trig, 0, 1, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(2, isf::DATA_NONE | trig, 0, 0, 2, &[]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(2, isf::DATA_NONE | trig, 0, u32::MAX, 2, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(2, isf::DATA_NONE | trig, 0, 1, 1, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(2, isf::DATA_NONE | trig, 0, 0, 2, &[]),
+        &[],
+        EINVAL,
+    );
     // Two action bits, two data bits, no bits, unknown bits.
-    expect_err(&c, &set_irqs(3, isf::DATA_NONE | trig | isf::ACTION_MASK, 0, 0, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(3, isf::DATA_NONE | isf::DATA_BOOL | trig, 0, 0, 1, &[1]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(3, isf::DATA_NONE | trig | isf::ACTION_MASK, 0, 0, 1, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(3, isf::DATA_NONE | isf::DATA_BOOL | trig, 0, 0, 1, &[1]),
+        &[],
+        EINVAL,
+    );
     expect_err(&c, &set_irqs(3, 0, 0, 0, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(3, isf::DATA_NONE | trig | 0x40, 0, 0, 1, &[]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(3, isf::DATA_NONE | trig | 0x40, 0, 0, 1, &[]),
+        &[],
+        EINVAL,
+    );
     // BOOL of the wrong length.
-    expect_err(&c, &set_irqs(4, isf::DATA_BOOL | trig, 0, 0, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(4, isf::DATA_BOOL | trig, 0, 0, 1, &[1, 1]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(4, isf::DATA_BOOL | trig, 0, 0, 1, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(4, isf::DATA_BOOL | trig, 0, 0, 1, &[1, 1]),
+        &[],
+        EINVAL,
+    );
     // fds with a non-EVENTFD type; fd count != count.
-    expect_err(&c, &set_irqs(5, isf::DATA_NONE | trig, 0, 0, 1, &[]), &[ev.as_fd()], EINVAL);
-    expect_err(&c, &set_irqs(5, isf::DATA_EVENTFD | trig, 0, 0, 1, &[]), &[ev.as_fd(), ev2.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(5, isf::DATA_NONE | trig, 0, 0, 1, &[]),
+        &[ev.as_fd()],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(5, isf::DATA_EVENTFD | trig, 0, 0, 1, &[]),
+        &[ev.as_fd(), ev2.as_fd()],
+        EINVAL,
+    );
     // count 0 with start != 0 or not DATA_NONE|TRIGGER.
-    expect_err(&c, &set_irqs(6, isf::DATA_NONE | trig, 0, 1, 0, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(6, isf::DATA_NONE | isf::ACTION_MASK, 0, 0, 0, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(6, isf::DATA_EVENTFD | trig, 0, 0, 0, &[]), &[], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(6, isf::DATA_NONE | trig, 0, 1, 0, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(6, isf::DATA_NONE | isf::ACTION_MASK, 0, 0, 0, &[]),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(6, isf::DATA_EVENTFD | trig, 0, 0, 0, &[]),
+        &[],
+        EINVAL,
+    );
     // ERR / REQ: TRIGGER only, count <= 1.
-    expect_err(&c, &set_irqs(7, isf::DATA_NONE | isf::ACTION_MASK, irq_index::ERR, 0, 1, &[]), &[], EINVAL);
-    expect_err(&c, &set_irqs(7, isf::DATA_EVENTFD | trig, irq_index::REQ, 0, 2, &[]), &[ev.as_fd(), ev2.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(
+            7,
+            isf::DATA_NONE | isf::ACTION_MASK,
+            irq_index::ERR,
+            0,
+            1,
+            &[],
+        ),
+        &[],
+        EINVAL,
+    );
+    expect_err(
+        &c,
+        &set_irqs(7, isf::DATA_EVENTFD | trig, irq_index::REQ, 0, 2, &[]),
+        &[ev.as_fd(), ev2.as_fd()],
+        EINVAL,
+    );
     // MSI-X has 0 vectors on this device.
-    expect_err(&c, &set_irqs(8, isf::DATA_EVENTFD | trig, irq_index::MSIX, 0, 1, &[]), &[ev.as_fd()], EINVAL);
-    assert!(srv.dev.lock().set_irqs.is_empty(), "a refused SET_IRQS reached the device");
+    expect_err(
+        &c,
+        &set_irqs(8, isf::DATA_EVENTFD | trig, irq_index::MSIX, 0, 1, &[]),
+        &[ev.as_fd()],
+        EINVAL,
+    );
+    assert!(
+        srv.dev.lock().set_irqs.is_empty(),
+        "a refused SET_IRQS reached the device"
+    );
 
     // Valid: argsz 20 with an fd (QEMU), then enable-update replacing the fd, then
     // de-assign with count 1 and no fds, then disable all.
     let before = open_fds();
-    expect_ok(&c, &set_irqs(9, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]), &[ev.as_fd()]);
+    expect_ok(
+        &c,
+        &set_irqs(9, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]),
+        &[ev.as_fd()],
+    );
     assert_eq!(open_fds(), before + 1, "the device keeps one fd");
-    expect_ok(&c, &set_irqs(10, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]), &[ev2.as_fd()]);
-    assert_eq!(open_fds(), before + 1, "the replaced eventfd was not closed");
+    expect_ok(
+        &c,
+        &set_irqs(10, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]),
+        &[ev2.as_fd()],
+    );
+    assert_eq!(
+        open_fds(),
+        before + 1,
+        "the replaced eventfd was not closed"
+    );
     {
         let d = srv.dev.lock();
         let theirs = d.irq_fd(0, 0).expect("fd assigned");
@@ -552,12 +982,35 @@ fn set_irqs_validation() {
     }
     assert_eq!(raw::eventfd_take(ev2.as_fd()), 1);
     assert_eq!(raw::eventfd_take(ev.as_fd()), 0);
-    expect_ok(&c, &set_irqs(11, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]), &[]);
+    expect_ok(
+        &c,
+        &set_irqs(11, isf::DATA_EVENTFD | trig, irq_index::INTX, 0, 1, &[]),
+        &[],
+    );
     assert_eq!(open_fds(), before);
     assert!(srv.dev.lock().irq_fd(0, 0).is_none());
-    expect_ok(&c, &set_irqs(12, isf::DATA_BOOL | trig, irq_index::INTX, 0, 1, &[1]), &[]);
-    expect_ok(&c, &set_irqs(13, isf::DATA_NONE | isf::ACTION_UNMASK, irq_index::INTX, 0, 1, &[]), &[]);
-    expect_ok(&c, &set_irqs(14, isf::DATA_NONE | trig, irq_index::INTX, 0, 0, &[]), &[]);
+    expect_ok(
+        &c,
+        &set_irqs(12, isf::DATA_BOOL | trig, irq_index::INTX, 0, 1, &[1]),
+        &[],
+    );
+    expect_ok(
+        &c,
+        &set_irqs(
+            13,
+            isf::DATA_NONE | isf::ACTION_UNMASK,
+            irq_index::INTX,
+            0,
+            1,
+            &[],
+        ),
+        &[],
+    );
+    expect_ok(
+        &c,
+        &set_irqs(14, isf::DATA_NONE | trig, irq_index::INTX, 0, 0, &[]),
+        &[],
+    );
 }
 
 // ---- 11. fd hygiene -----------------------------------------------------------------------
@@ -570,14 +1023,23 @@ fn fds_on_commands_that_take_none_are_closed() {
     let f = raw::memfd(4096);
     let g = raw::eventfd();
     expect_err(&c, &get_info(1), &[f.as_fd()], EINVAL);
-    expect_err(&c, &region_read(2, 7, 0, 4), &[f.as_fd(), g.as_fd()], EINVAL);
+    expect_err(
+        &c,
+        &region_read(2, 7, 0, 4),
+        &[f.as_fd(), g.as_fd()],
+        EINVAL,
+    );
     expect_err(&c, &region_write(3, 0, 2, 0, &[1]), &[g.as_fd()], EINVAL);
     expect_err(&c, &dma_unmap(4, 0, 0, 0x1000), &[f.as_fd()], EINVAL);
     expect_err(&c, &region_info(5, 32, 7), &[f.as_fd()], EINVAL);
     expect_err(&c, &msg(6, cmd::DEVICE_RESET, 0, &[]), &[f.as_fd()], EINVAL);
     // A posted write with an fd: no reply, fd closed anyway.
     let before = open_fds();
-    c.send(&region_write(7, hdr_flags::NO_REPLY, 2, 0, &[1]), &[f.as_fd()]).unwrap();
+    c.send(
+        &region_write(7, hdr_flags::NO_REPLY, 2, 0, &[1]),
+        &[f.as_fd()],
+    )
+    .unwrap();
     assert_alive(&c);
     assert_eq!(open_fds(), before);
     assert_eq!(srv.dev.lock().resets, 0);
@@ -591,7 +1053,12 @@ fn more_fds_than_allowed_are_closed() {
     let fds: Vec<OwnedFd> = (0..40).map(|_| raw::eventfd()).collect();
     let b: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     // 40 fds on a SET_IRQS that takes fds: more than the 16 we advertise.
-    expect_err(&c, &set_irqs(1, isf::DATA_EVENTFD | isf::ACTION_TRIGGER, 0, 0, 1, &[]), &b, EINVAL);
+    expect_err(
+        &c,
+        &set_irqs(1, isf::DATA_EVENTFD | isf::ACTION_TRIGGER, 0, 0, 1, &[]),
+        &b,
+        EINVAL,
+    );
     expect_err(&c, &dma_map(2, 3, 0, 0, 0x1000), &b[..17], EINVAL);
     assert!(srv.dev.lock().dma_table.is_empty());
 }
@@ -612,7 +1079,15 @@ fn byte_by_byte_and_pipelined_requests() {
         c.send(std::slice::from_ref(b), &[]).unwrap();
     }
     check_ok(&req, &c.recv().unwrap()).unwrap();
-    assert_eq!(srv.dev.lock().dma_table, vec![SeenDma { iova: 0x1000, size: 0x4000, prot: 3, mapped: true }]);
+    assert_eq!(
+        srv.dev.lock().dma_table,
+        vec![SeenDma {
+            iova: 0x1000,
+            size: 0x4000,
+            prot: 3,
+            mapped: true
+        }]
+    );
     // 500 requests in one write; replies in order.
     let mut all = Vec::new();
     for i in 0..500u16 {
@@ -681,7 +1156,11 @@ fn reconnect_keeps_device_state_and_drops_dma_and_irqs() {
     let ram = raw::memfd(0x1000);
     let ev = raw::eventfd();
     expect_ok(&c, &dma_map(1, 3, 0, 0x1000, 0x1000), &[ram.as_fd()]);
-    expect_ok(&c, &set_irqs(2, isf::DATA_EVENTFD | isf::ACTION_TRIGGER, 0, 0, 1, &[]), &[ev.as_fd()]);
+    expect_ok(
+        &c,
+        &set_irqs(2, isf::DATA_EVENTFD | isf::ACTION_TRIGGER, 0, 0, 1, &[]),
+        &[ev.as_fd()],
+    );
     expect_ok(&c, &region_write(3, 0, 2, 0, &[0xaa]), &[]);
     let before = open_fds();
     drop(c);
@@ -718,10 +1197,21 @@ fn config_space_access_sizes() {
     let _g = serial();
     let srv = TestServer::start();
     let c = srv.connect_negotiated();
-    for (off, n) in [(0u64, 1u32), (1, 2), (3, 4), (0, 8), (0xf8, 8), (0, 256), (0xff, 1)] {
+    for (off, n) in [
+        (0u64, 1u32),
+        (1, 2),
+        (3, 4),
+        (0, 8),
+        (0xf8, 8),
+        (0, 256),
+        (0xff, 1),
+    ] {
         let r = expect_ok(&c, &region_read(1, 7, off, n), &[]);
         let d = srv.dev.lock();
-        assert_eq!(&r.payload[16..], &d.config[off as usize..(off + u64::from(n)) as usize]);
+        assert_eq!(
+            &r.payload[16..],
+            &d.config[off as usize..(off + u64::from(n)) as usize]
+        );
     }
     expect_err(&c, &region_read(2, 7, 0, 257), &[], EINVAL);
     expect_err(&c, &region_read(2, 7, 0x100, 1), &[], EINVAL);
@@ -732,7 +1222,10 @@ fn config_space_access_sizes() {
     // Read-only vendor id.
     expect_ok(&c, &region_write(5, 0, 7, 0, &[0, 0]), &[]);
     let r = expect_ok(&c, &region_read(6, 7, 0, 2), &[]);
-    assert_eq!(&r.payload[16..], &emudev_tests::device::VENDOR_ID.to_le_bytes());
+    assert_eq!(
+        &r.payload[16..],
+        &emudev_tests::device::VENDOR_ID.to_le_bytes()
+    );
 }
 
 #[test]
@@ -745,4 +1238,3 @@ fn reset_reaches_the_device() {
     assert!(r.payload.is_empty());
     assert_eq!(srv.dev.lock().resets, 1);
 }
-

@@ -12,8 +12,8 @@ use emudev_tests::fixtures::{self, CapturedMsg};
 use emudev_tests::harness::TestServer;
 use emudev_tests::raw::{self, check_ok, Reply};
 use emudev_vfio_user::wire::{
-    self, cmd, device_flags, hdr_flags, irq_set_flags, region_flags, DeviceInfo, DmaMap,
-    DmaUnmap, IrqInfo, IrqSet, RegionAccess, RegionInfo, Version, HEADER_SIZE,
+    self, cmd, device_flags, hdr_flags, irq_set_flags, region_flags, DeviceInfo, DmaMap, DmaUnmap,
+    IrqInfo, IrqSet, RegionAccess, RegionInfo, Version, HEADER_SIZE,
 };
 use zerocopy::FromBytes;
 
@@ -27,9 +27,17 @@ struct DmaModel(Vec<SeenDma>);
 
 impl DmaModel {
     fn map(&mut self, m: &DmaMap, with_fd: bool) {
-        let r = SeenDma { iova: m.address, size: m.size, prot: m.flags, mapped: with_fd };
+        let r = SeenDma {
+            iova: m.address,
+            size: m.size,
+            prot: m.flags,
+            mapped: with_fd,
+        };
         assert!(
-            !self.0.iter().any(|x| x.iova < r.iova + r.size && r.iova < x.iova + x.size),
+            !self
+                .0
+                .iter()
+                .any(|x| x.iova < r.iova + r.size && r.iova < x.iova + x.size),
             "capture maps over an existing region: {r:?}"
         );
         self.0.push(r);
@@ -47,10 +55,17 @@ impl DmaModel {
                 continue;
             }
             if rs < addr {
-                out.push(SeenDma { size: addr - rs, ..r });
+                out.push(SeenDma {
+                    size: addr - rs,
+                    ..r
+                });
             }
             if re > end {
-                out.push(SeenDma { iova: end, size: re - end, ..r });
+                out.push(SeenDma {
+                    iova: end,
+                    size: re - end,
+                    ..r
+                });
             }
         }
         self.0 = out;
@@ -102,7 +117,10 @@ fn check_reply(
         cmd::VERSION => {
             // QEMU: reply no larger than its request, NUL-terminated, same major, minor <= ours.
             if r.header.msg_size > req.header.msg_size {
-                return Err(format!("VERSION reply {} > request {}", r.header.msg_size, req.header.msg_size));
+                return Err(format!(
+                    "VERSION reply {} > request {}",
+                    r.header.msg_size, req.header.msg_size
+                ));
             }
             let v: Version = read(p);
             if v.major != 0 || v.minor > 0 {
@@ -181,7 +199,10 @@ fn check_reply(
         cmd::DEVICE_GET_REGION_INFO => {
             let q: RegionInfo = read(rq);
             if r.header.msg_size as usize > HEADER_SIZE + q.argsz as usize {
-                return Err(format!("REGION_INFO reply {} > 16 + argsz {}", r.header.msg_size, q.argsz));
+                return Err(format!(
+                    "REGION_INFO reply {} > 16 + argsz {}",
+                    r.header.msg_size, q.argsz
+                ));
             }
             let i: RegionInfo = read(p);
             let (size, flags) = match q.index {
@@ -189,7 +210,12 @@ fn check_reply(
                 7 => (CONFIG_SIZE, region_flags::READ | region_flags::WRITE),
                 _ => (0, 0),
             };
-            if i.index != q.index || i.size != size || i.flags != flags || i.cap_offset != 0 || i.argsz != 32 {
+            if i.index != q.index
+                || i.size != size
+                || i.flags != flags
+                || i.cap_offset != 0
+                || i.argsz != 32
+            {
                 return Err(format!("REGION_INFO {} reply {i:?}", q.index));
             }
             if !r.fds.is_empty() {
@@ -215,7 +241,9 @@ fn check_reply(
             let dev = srv.dev.lock();
             if s.flags & irq_set_flags::DATA_EVENTFD != 0 && s.count == 1 {
                 // Our eventfd reached the device: signalling the device's copy wakes ours.
-                let theirs = dev.irq_fd(s.index, s.start).ok_or("device got no eventfd")?;
+                let theirs = dev
+                    .irq_fd(s.index, s.start)
+                    .ok_or("device got no eventfd")?;
                 let ours = eventfds.last().ok_or("no eventfd sent")?;
                 // SAFETY: `theirs` is open while we hold the device lock; borrowed briefly.
                 let theirs = unsafe { BorrowedFd::borrow_raw(theirs) };
@@ -224,14 +252,21 @@ fn check_reply(
                     return Err("device's eventfd is not the one we sent".into());
                 }
             }
-            if s.flags & irq_set_flags::DATA_NONE != 0 && s.count == 0 && dev.irq_fd(s.index, 0).is_some() {
+            if s.flags & irq_set_flags::DATA_NONE != 0
+                && s.count == 0
+                && dev.irq_fd(s.index, 0).is_some()
+            {
                 return Err("SET_IRQS count=0 did not disable the index".into());
             }
         }
         cmd::REGION_READ => {
             let q: RegionAccess = read(rq);
             if p.len() != 16 + q.count as usize {
-                return Err(format!("REGION_READ reply payload {} for count {}", p.len(), q.count));
+                return Err(format!(
+                    "REGION_READ reply payload {} for count {}",
+                    p.len(),
+                    q.count
+                ));
             }
             let e: RegionAccess = read(p);
             if (e.offset, e.region, e.count) != (q.offset, q.region, q.count) {
@@ -245,7 +280,12 @@ fn check_reply(
             };
             let (o, n) = (q.offset as usize, q.count as usize);
             if p[16..] != src[o..o + n] {
-                return Err(format!("REGION_READ {:#x}+{n}: {:02x?} != device {:02x?}", o, &p[16..], &src[o..o + n]));
+                return Err(format!(
+                    "REGION_READ {:#x}+{n}: {:02x?} != device {:02x?}",
+                    o,
+                    &p[16..],
+                    &src[o..o + n]
+                ));
             }
         }
         cmd::REGION_WRITE => {
@@ -278,7 +318,9 @@ fn check_reply(
 }
 
 fn replay(name: &str) {
-    let Some(cap) = fixtures::load(name).expect("parse capture") else { return };
+    let Some(cap) = fixtures::load(name).expect("parse capture") else {
+        return;
+    };
     let msgs = cap.to_server();
     assert!(!msgs.is_empty(), "{name}: no client messages");
     assert_eq!(msgs[0].header.command, cmd::VERSION);
@@ -310,22 +352,43 @@ fn replay(name: &str) {
             continue;
         }
         let r = client.recv().unwrap_or_else(|e| {
-            panic!("{name}: no reply to {} id={}: {e}", cmd::name(m.header.command), m.header.msg_id)
+            panic!(
+                "{name}: no reply to {} id={}: {e}",
+                cmd::name(m.header.command),
+                m.header.msg_id
+            )
         });
         if let Err(e) = check_reply(&srv, m, &r, &mut model, &eventfds) {
-            panic!("{name}: {} id={}: {e}", cmd::name(m.header.command), m.header.msg_id);
+            panic!(
+                "{name}: {} id={}: {e}",
+                cmd::name(m.header.command),
+                m.header.msg_id
+            );
         }
         replies += 1;
     }
     // Nothing else is pending: a final request's reply is the next message.
-    let probe = raw::msg(0xfff0, cmd::DEVICE_GET_INFO, 0, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let probe = raw::msg(
+        0xfff0,
+        cmd::DEVICE_GET_INFO,
+        0,
+        &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    );
     let r = client.call(&probe, &[]).expect("final GET_INFO");
     check_ok(&probe, &r).expect("final GET_INFO reply");
-    eprintln!("{name}: {} messages replayed, {replies} replies checked, {posted} posted", msgs.len());
+    eprintln!(
+        "{name}: {} messages replayed, {replies} replies checked, {posted} posted",
+        msgs.len()
+    );
 
     {
         let dev = srv.dev.lock();
-        assert_eq!(dev.resets, msgs.iter().filter(|m| m.header.command == cmd::DEVICE_RESET).count());
+        assert_eq!(
+            dev.resets,
+            msgs.iter()
+                .filter(|m| m.header.command == cmd::DEVICE_RESET)
+                .count()
+        );
         assert_eq!(dev.attaches, 1);
         assert!(!dev.dma_table.is_empty());
     }
@@ -334,7 +397,11 @@ fn replay(name: &str) {
     drop(client);
     srv.wait_for("detach after disconnect", |d| d.detaches == 1);
     let dev = srv.dev.lock();
-    assert!(dev.dma_table.is_empty(), "DMA table not emptied on disconnect: {:x?}", dev.dma_table);
+    assert!(
+        dev.dma_table.is_empty(),
+        "DMA table not emptied on disconnect: {:x?}",
+        dev.dma_table
+    );
     assert!(dev.irq_fds.iter().flatten().all(|f| f.is_none()));
     assert_eq!(dev.config, config_before, "device state lost on disconnect");
 }
@@ -342,27 +409,44 @@ fn replay(name: &str) {
 #[test]
 fn captures_parse_and_match_decoded_listings() {
     for name in fixtures::CAPTURES {
-        let Some(cap) = fixtures::load(name).expect("parse capture") else { return };
-        let Some(dir) = fixtures::fixtures_dir() else { return };
+        let Some(cap) = fixtures::load(name).expect("parse capture") else {
+            return;
+        };
+        let Some(dir) = fixtures::fixtures_dir() else {
+            return;
+        };
         let decoded = std::fs::read_to_string(dir.join(name.replace(".strace", ".decoded.txt")))
             .unwrap_or_default();
         let listed: Vec<(u16, usize)> = decoded
             .lines()
             .filter(|l| l.starts_with("client->server id="))
             .map(|l| {
-                let id = l["client->server id=".len()..].split(' ').next().unwrap_or("");
+                let id = l["client->server id=".len()..]
+                    .split(' ')
+                    .next()
+                    .unwrap_or("");
                 (id.parse().expect("id"), usize::from(l.contains(" +1fd ")))
             })
             .collect();
-        let parsed: Vec<(u16, usize)> =
-            cap.to_server().iter().map(|m| (m.header.msg_id, m.nfds)).collect();
+        let parsed: Vec<(u16, usize)> = cap
+            .to_server()
+            .iter()
+            .map(|m| (m.header.msg_id, m.nfds))
+            .collect();
         if !decoded.is_empty() {
-            assert_eq!(parsed, listed, "{name}: parsed ids/fds differ from the decoded listing");
+            assert_eq!(
+                parsed, listed,
+                "{name}: parsed ids/fds differ from the decoded listing"
+            );
         }
         // Every client message got exactly one server message back in the capture.
         assert_eq!(cap.to_client().len(), cap.to_server().len(), "{name}");
         let ids: Vec<u16> = cap.to_client().iter().map(|m| m.header.msg_id).collect();
-        assert_eq!(ids, parsed.iter().map(|p| p.0).collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            ids,
+            parsed.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{name}"
+        );
     }
 }
 
@@ -379,7 +463,9 @@ fn replay_qemu_anonymous_memory_startup() {
 /// The VERSION golden test: our reply to QEMU's exact request bytes.
 #[test]
 fn version_reply_to_qemu_request_bytes() {
-    let Some(cap) = fixtures::load(fixtures::CAPTURES[0]).expect("parse") else { return };
+    let Some(cap) = fixtures::load(fixtures::CAPTURES[0]).expect("parse") else {
+        return;
+    };
     let req = &cap.to_server()[0];
     let srv = TestServer::start();
     let c = srv.connect();

@@ -232,6 +232,9 @@ impl BlkConfig {
         if lbs != 512 {
             log::warn!("virtio-blk: logical block size {lbs}: SeaBIOS cannot boot from it");
         }
+        if lbs > 4096 {
+            log::warn!("virtio-blk: logical block size {lbs} > 4096: older Linux guests refuse it");
+        }
         let pbs = opts.physical_block_size;
         if !pbs.is_power_of_two() || pbs < lbs {
             return Err(ConfigError::PhysicalBlockSize {

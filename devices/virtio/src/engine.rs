@@ -199,4 +199,13 @@ pub trait Engine: Send {
     fn set_error_callback(&mut self, cb: QueueErrorCallback);
     /// Stop every queue and release resources (device reset or removal).
     fn destroy(&mut self) -> Completion;
+    /// Stop popping new requests on every queue; completes once none is in flight (the
+    /// transport's quiesce). Default: nothing to pause. (Added by h7 for the PCI transport.)
+    fn pause(&mut self) -> Completion {
+        Completion::ready(Ok(()))
+    }
+    /// Undo [`Engine::pause`].
+    fn resume(&mut self) -> Completion {
+        Completion::ready(Ok(()))
+    }
 }

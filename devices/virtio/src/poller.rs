@@ -455,6 +455,14 @@ impl Engine for PollerEngine {
         self.on_error = cb;
     }
 
+    fn pause(&mut self) -> Completion {
+        PollerEngine::pause(self)
+    }
+
+    fn resume(&mut self) -> Completion {
+        PollerEngine::resume(self)
+    }
+
     fn destroy(&mut self) -> Completion {
         self.queues.clear();
         let dev = self.dev;

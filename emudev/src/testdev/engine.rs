@@ -87,6 +87,8 @@ struct Progress {
     passes: u32,
     /// FNV-1a state of the current checksum pass.
     hash: u32,
+    /// Checksum of the last completed pass.
+    result: u32,
 }
 
 #[derive(Debug)]
@@ -174,6 +176,7 @@ impl DmaEngine {
             pos: 0,
             passes: 0,
             hash: FNV_OFFSET,
+            result: 0,
         });
         self.inner.cv.notify_all();
     }
@@ -327,6 +330,8 @@ fn run_chunk(mem: &GuestMemory, p: &mut Progress, buf: &mut [u8; CHUNK]) -> Step
     }
     p.passes = p.passes.saturating_add(1);
     p.pos = 0;
+    p.result = p.hash;
+    p.hash = FNV_OFFSET;
     let target = job.repeat.max(1);
     if target != u32::MAX && p.passes >= target {
         Step::Done
@@ -374,7 +379,7 @@ fn worker_loop(inner: &Inner, regs: &SharedRegs, raise: &RaiseIrq) {
             }
             Step::Done if !replaced => {
                 if p.job.cmd == regs::DMA_CMD_CHECKSUM {
-                    regs.dma_result.store(p.hash, Ordering::Release);
+                    regs.dma_result.store(p.result, Ordering::Release);
                 }
                 regs.dma_passes.store(p.passes, Ordering::Release);
                 regs.dma_status
@@ -468,5 +473,183 @@ impl Drop for DoorbellPoller {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emudev_vfio_user::wire::dma_flags;
+    use emudev_vfio_user::{DmaError, DmaPort, DmaRegion, DmaTransport};
+    use std::sync::atomic::AtomicU64;
+    use vm_memory::{MmapRegion, VolatileMemory};
+
+    const RW: u32 = dma_flags::READ | dma_flags::WRITE;
+
+    fn engine() -> (DmaEngine, Arc<SharedRegs>, Arc<AtomicU64>) {
+        let regs = Arc::new(SharedRegs::default());
+        let irqs = Arc::new(AtomicU64::new(0));
+        let i = irqs.clone();
+        let e = DmaEngine::new(
+            "t",
+            regs.clone(),
+            Arc::new(move |_| {
+                i.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        (e, regs, irqs)
+    }
+
+    fn wait_for(f: impl Fn() -> bool) -> bool {
+        let t0 = Instant::now();
+        while !f() {
+            if t0.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    fn job(cmd: u32, dst: u64, src: u64, len: u32, repeat: u32) -> DmaJob {
+        DmaJob {
+            cmd,
+            dst,
+            src,
+            len,
+            pattern: 0,
+            repeat,
+            vector: 0,
+        }
+    }
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(checksum(b""), 0x811c_9dc5);
+        assert_eq!(checksum(b"a"), 0xe40c_292c);
+        assert_eq!(checksum(b"foobar"), 0xbf9c_f968);
+        // Chunked hashing equals one-shot hashing.
+        assert_eq!(fnv1a(checksum(b"foo"), b"bar"), checksum(b"foobar"));
+    }
+
+    #[test]
+    fn quiesced_engine_touches_nothing_until_resume() {
+        let (e, regs, _) = engine();
+        let m = Arc::new(MmapRegion::new(0x20000).unwrap());
+        let table = [DmaRegion {
+            iova: 0,
+            size: 0x20000,
+            prot: RW,
+            mapping: Some(m.clone()),
+            map_offset: 0,
+        }];
+        e.set_memory(Arc::new(GuestMemory::from_dma(&table, None)));
+        e.start(
+            job(regs::DMA_CMD_COPY, 0x10000, 0, 0x10000, u32::MAX),
+            &regs,
+        );
+        assert!(wait_for(|| regs.dma_passes.load(Ordering::Acquire) >= 1));
+        assert!(e.quiesce());
+        // Change the source; a quiesced engine must not copy it.
+        m.get_slice(0, 0x10000)
+            .unwrap()
+            .copy_from(&[0x77u8; 0x10000][..]);
+        std::thread::sleep(Duration::from_millis(30));
+        let mut dst = vec![0u8; 0x10000];
+        m.get_slice(0x10000, 0x10000).unwrap().copy_to(&mut dst[..]);
+        assert!(dst.iter().all(|b| *b == 0), "copied while quiesced");
+        e.resume();
+        assert!(wait_for(|| {
+            let mut b = [0u8; 1];
+            m.get_slice(0x1ffff, 1).unwrap().copy_to(&mut b[..]);
+            b[0] == 0x77
+        }));
+        assert!(e.cancel(&regs));
+        assert_eq!(
+            regs.dma_status.load(Ordering::Acquire),
+            regs::DMA_STATUS_IDLE
+        );
+        assert!(e.is_idle());
+    }
+
+    /// A client that never answers until released.
+    struct StuckPort(Mutex<bool>, Condvar);
+    impl DmaTransport for StuckPort {
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DmaError> {
+            self.write(0, &[])
+        }
+        fn write(&self, addr: u64, _: &[u8]) -> Result<(), DmaError> {
+            let mut g = self.0.lock().unwrap();
+            while !*g {
+                g = self.1.wait(g).unwrap();
+            }
+            Err(DmaError::Timeout { addr, len: 0 })
+        }
+    }
+
+    #[test]
+    fn quiesce_does_not_wait_for_message_dma() {
+        let (e, regs, irqs) = engine();
+        let port = Arc::new(StuckPort(Mutex::new(false), Condvar::new()));
+        let table = [DmaRegion {
+            iova: 0,
+            size: 0x1000,
+            prot: RW,
+            mapping: None,
+            map_offset: 0,
+        }];
+        e.set_memory(Arc::new(GuestMemory::from_dma(
+            &table,
+            Some(DmaPort::new(port.clone())),
+        )));
+        e.start(job(regs::DMA_CMD_FILL, 0, 0, 0x1000, 1), &regs);
+        std::thread::sleep(Duration::from_millis(20));
+        let t0 = Instant::now();
+        assert!(e.quiesce());
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        e.set_memory(Arc::new(GuestMemory::empty()));
+        e.resume();
+        *port.0.lock().unwrap() = true;
+        port.1.notify_all();
+        assert!(wait_for(
+            || regs.dma_status.load(Ordering::Acquire) == regs::DMA_STATUS_ERROR
+        ));
+        assert_eq!(regs.dma_errors.load(Ordering::Acquire), 1);
+        assert!(
+            wait_for(|| irqs.load(Ordering::SeqCst) == 1),
+            "error raises the vector"
+        );
+    }
+
+    #[test]
+    fn repeat_counts_passes_and_new_job_replaces_old() {
+        let (e, regs, irqs) = engine();
+        let m = Arc::new(MmapRegion::new(0x4000).unwrap());
+        let table = [DmaRegion {
+            iova: 0x1000,
+            size: 0x4000,
+            prot: RW,
+            mapping: Some(m),
+            map_offset: 0,
+        }];
+        e.set_memory(Arc::new(GuestMemory::from_dma(&table, None)));
+        e.start(job(regs::DMA_CMD_CHECKSUM, 0, 0x1000, 0x3000, 3), &regs);
+        assert!(wait_for(
+            || regs.dma_status.load(Ordering::Acquire) == regs::DMA_STATUS_DONE
+        ));
+        assert_eq!(regs.dma_passes.load(Ordering::Acquire), 3);
+        assert_eq!(
+            regs.dma_result.load(Ordering::Acquire),
+            checksum(&[0u8; 0x3000])
+        );
+        assert!(wait_for(|| irqs.load(Ordering::SeqCst) == 1));
+        // A forever job replaced by a one-shot job: the one-shot completes.
+        e.start(job(regs::DMA_CMD_FILL, 0x1000, 0, 0x4000, u32::MAX), &regs);
+        e.start(job(regs::DMA_CMD_FILL, 0x1000, 0, 0x100, 1), &regs);
+        assert!(wait_for(
+            || regs.dma_status.load(Ordering::Acquire) == regs::DMA_STATUS_DONE
+        ));
+        assert_eq!(regs.dma_passes.load(Ordering::Acquire), 1);
     }
 }

@@ -64,6 +64,7 @@ pub struct TestDevice {
     page: Arc<DoorbellPage>,
     ioevents: IoEventFdSet,
     intx: Arc<IntxLine>,
+    mmap_page: bool,
     // Dropped last: stops the poller thread.
     _poller: DoorbellPoller,
 }
@@ -148,8 +149,17 @@ impl TestDevice {
             page,
             ioevents,
             intx,
+            mmap_page: true,
             _poller: poller,
         })
+    }
+
+    /// Whether BAR2 is offered for mmap (default on). QEMU turns off posted writes for a
+    /// device with any mappable region (vfio-user.md §2.2), so a device without one shows
+    /// the posted-write path; the page is then reached by REGION_READ/WRITE only.
+    pub fn with_mmap_page(mut self, on: bool) -> Self {
+        self.mmap_page = on;
+        self
     }
 
     fn reg_read(&self, off: u64) -> u32 {
@@ -291,7 +301,7 @@ impl DeviceModel for TestDevice {
     }
 
     fn bar_mmap(&self, bar: u8) -> Option<RegionMmap> {
-        (bar == regs::PAGE_BAR).then(|| self.page.region_mmap())
+        (self.mmap_page && bar == regs::PAGE_BAR).then(|| self.page.region_mmap())
     }
 
     fn ioeventfds(&mut self, bar: u8) -> Vec<IoEventFd> {

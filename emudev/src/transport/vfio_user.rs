@@ -158,7 +158,11 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
 
     /// Build around a device the caller also keeps (the manager does, for attributes).
     pub fn with_parts(dev: SharedDevice<D>, state: StateCell, events: Arc<EventBus>) -> Self {
-        let name = lock_dev(&dev).name().to_string();
+        let name = {
+            let mut d = lock_dev(&dev);
+            d.set_event_bus(events.clone());
+            d.name().to_string()
+        };
         Self {
             dev,
             name,
@@ -246,8 +250,9 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
 
     /// Replace the device's memory: quiesce, set_memory, resume. Used for every DMA table
     /// change. On a quiesce failure the memory is still swapped (so the device drops its
-    /// references to removed ranges) and the device is marked Failed.
-    fn update_memory(&mut self, table: &[DmaRegion], what: &str) -> Result<(), Errno> {
+    /// references to removed ranges) and the device is marked Failed. Returns the outcome
+    /// and whether the device now uses `table`.
+    fn update_memory(&mut self, table: &[DmaRegion], what: &str) -> (Result<(), Errno>, bool) {
         if let Some(old) = self.gate.take() {
             old.store(false, Ordering::Release);
         }
@@ -269,39 +274,14 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
         });
         self.events.publish(DeviceEvent::MemoryChanged { regions });
         match res {
-            Ok(Ok(())) if was_failed => Err(Errno::EIO),
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) if was_failed => (Err(Errno::EIO), true),
+            Ok(Ok(())) => (Ok(()), true),
             Ok(Err(e)) => {
                 self.fail(what, &e.to_string());
-                Err(Errno::EIO)
+                (Err(Errno::EIO), true)
             }
-            Err(e) => Err(e),
+            Err(e) => (Err(e), false),
         }
-    }
-
-    fn irq_desc(&self, index: u32) -> Option<IrqDesc> {
-        const EV: u32 = irq_info_flags::EVENTFD;
-        let mut d = lock_dev(&self.dev);
-        let pci = d.pci();
-        Some(match index {
-            irq_index::INTX => IrqDesc {
-                flags: EV | irq_info_flags::MASKABLE | irq_info_flags::AUTOMASKED,
-                count: u32::from(pci.config().u8_at(crate::pci::reg::INTERRUPT_PIN) != 0),
-            },
-            irq_index::MSI => IrqDesc {
-                flags: EV,
-                count: 0,
-            },
-            irq_index::MSIX => IrqDesc {
-                flags: EV | irq_info_flags::MASKABLE,
-                count: pci.msix().map_or(0, |m| u32::from(m.num_vectors())),
-            },
-            irq_index::ERR | irq_index::REQ => IrqDesc {
-                flags: EV,
-                count: 1,
-            },
-            _ => return None,
-        })
     }
 
     fn set_intx(&mut self, action: IrqAction, count: u32, data: IrqData) -> Result<(), Errno> {
@@ -466,6 +446,63 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
     }
 }
 
+fn region_desc<D: DeviceModel>(d: &mut D, index: u32) -> Option<RegionDesc> {
+    let rw = region_flags::READ | region_flags::WRITE;
+    match index {
+        0..=5 => {
+            let size = d.pci().bar_size(index as usize);
+            if size == 0 {
+                return Some(RegionDesc::default());
+            }
+            let mmap = d.bar_mmap(index as u8);
+            Some(RegionDesc {
+                size,
+                flags: rw,
+                mmap,
+            })
+        }
+        region_index::ROM => {
+            let size = u64::from(d.pci().rom_size());
+            Some(RegionDesc {
+                size,
+                flags: if size == 0 { 0 } else { region_flags::READ },
+                mmap: None,
+            })
+        }
+        region_index::CONFIG => Some(RegionDesc {
+            size: d.pci().config_size() as u64,
+            flags: rw,
+            mmap: None,
+        }),
+        region_index::VGA => Some(RegionDesc::default()),
+        _ => None,
+    }
+}
+
+fn irq_desc<D: DeviceModel>(d: &mut D, index: u32) -> Option<IrqDesc> {
+    const EV: u32 = irq_info_flags::EVENTFD;
+    let pci = d.pci();
+    Some(match index {
+        irq_index::INTX => IrqDesc {
+            flags: EV | irq_info_flags::MASKABLE | irq_info_flags::AUTOMASKED,
+            count: u32::from(pci.config().u8_at(crate::pci::reg::INTERRUPT_PIN) != 0),
+        },
+        irq_index::MSI => IrqDesc {
+            flags: EV,
+            count: 0,
+        },
+        irq_index::MSIX => IrqDesc {
+            flags: EV | irq_info_flags::MASKABLE,
+            count: pci.msix().map_or(0, |m| u32::from(m.num_vectors())),
+        },
+        irq_index::ERR | irq_index::REQ => IrqDesc {
+            flags: EV,
+            count: 1,
+        },
+        _ => return None,
+    })
+}
+
 /// DATA_NONE means "all"; DATA_BOOL carries one flag per vector.
 fn nth_flag(data: &IrqData, i: usize) -> bool {
     match data {
@@ -488,41 +525,17 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
     }
 
     fn region(&self, index: u32) -> Option<RegionDesc> {
-        let rw = region_flags::READ | region_flags::WRITE;
-        let mut d = lock_dev(&self.dev);
-        match index {
-            0..=5 => {
-                let size = d.pci().bar_size(index as usize);
-                if size == 0 {
-                    return Some(RegionDesc::default());
-                }
-                let mmap = d.bar_mmap(index as u8);
-                Some(RegionDesc {
-                    size,
-                    flags: rw,
-                    mmap,
-                })
-            }
-            region_index::ROM => {
-                let size = u64::from(d.pci().rom_size());
-                Some(RegionDesc {
-                    size,
-                    flags: if size == 0 { 0 } else { region_flags::READ },
-                    mmap: None,
-                })
-            }
-            region_index::CONFIG => Some(RegionDesc {
-                size: d.pci().config_size() as u64,
-                flags: rw,
-                mmap: None,
-            }),
-            region_index::VGA => Some(RegionDesc::default()),
-            _ => None,
-        }
+        // Region layout is static for a device, so it is answered even when Failed (QEMU
+        // needs it to realize); only a panic while computing it gives "no such region".
+        self.call_always("region info", |d| region_desc(d, index))
+            .ok()
+            .flatten()
     }
 
     fn irq(&self, index: u32) -> Option<IrqDesc> {
-        self.irq_desc(index)
+        self.call_always("IRQ info", |d| irq_desc(d, index))
+            .ok()
+            .flatten()
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Errno> {
@@ -594,11 +607,19 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
     }
 
     fn dma_map(&mut self, table: &[DmaRegion], _added: &DmaRegion) -> Result<(), Errno> {
-        self.update_memory(table, "DMA map")
+        // A refused map is rolled back by the server, so only refuse it when the device
+        // did not take the new table; a failed device keeps exact bookkeeping and reports
+        // its failure on device accesses instead.
+        match self.update_memory(table, "DMA map") {
+            (Err(e), false) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn dma_unmap(&mut self, table: &[DmaRegion], _removed: &[DmaRegion]) -> Result<(), Errno> {
-        self.update_memory(table, "DMA unmap")
+        // Removal happens regardless of the answer; the device uses `table` either way
+        // unless its set_memory panicked, which leaves it Failed.
+        self.update_memory(table, "DMA unmap").0
     }
 
     fn reset(&mut self) -> Result<(), Errno> {
@@ -633,5 +654,307 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
         self.attached = false;
         self.transition(Transition::Detach);
         self.events.publish(DeviceEvent::ClientAttached(false));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doorbell::{drain_eventfd, new_eventfd};
+    use crate::pci::{
+        cap_id, BarDef, Capability, MsixLayout, PciDevice, PciDeviceBuilder, PciIds, PcieCapConfig,
+    };
+    use crate::DeviceError;
+    use emudev_vfio_user::wire::dma_flags;
+    use vm_memory::MmapRegion;
+
+    #[derive(Default)]
+    struct Calls {
+        resets: u32,
+        regions: Option<usize>,
+        stops: u32,
+    }
+
+    struct Fake {
+        pci: PciDevice,
+        calls: Arc<Mutex<Calls>>,
+        panic_on_write: bool,
+        fail_quiesce: bool,
+        bus: Option<Arc<EventBus>>,
+    }
+
+    impl DeviceModel for Fake {
+        fn name(&self) -> &str {
+            "fake0"
+        }
+        fn pci(&mut self) -> &mut PciDevice {
+            &mut self.pci
+        }
+        fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+            data.fill(0xee);
+        }
+        fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {
+            assert!(!self.panic_on_write, "fake device bug");
+        }
+        fn set_memory(&mut self, mem: Arc<GuestMemory>) {
+            self.calls.lock().unwrap().regions = Some(mem.region_count());
+        }
+        fn quiesce(&mut self) -> Result<(), DeviceError> {
+            if self.fail_quiesce {
+                return Err(DeviceError::QuiesceTimeout {
+                    device: "fake0".into(),
+                    millis: 1,
+                });
+            }
+            Ok(())
+        }
+        fn resume(&mut self) {}
+        fn reset(&mut self) {
+            self.calls.lock().unwrap().resets += 1;
+            self.panic_on_write = false;
+        }
+        fn stop(&mut self) {
+            self.calls.lock().unwrap().stops += 1;
+        }
+        fn set_event_bus(&mut self, bus: Arc<EventBus>) {
+            self.bus = Some(bus);
+        }
+    }
+
+    fn fake() -> (VfioUserAdapter<Fake>, Arc<Mutex<Calls>>) {
+        let pci = PciDeviceBuilder::new(PciIds {
+            vendor_id: 0x1de5,
+            device_id: 1,
+            revision_id: 0,
+            class_code: 0xff0000,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        })
+        .interrupt_pin(1)
+        .bar(0, BarDef::mem32(0x1000))
+        .msix(MsixLayout {
+            vectors: 2,
+            table_bar: 0,
+            table_offset: 0x800,
+            pba_bar: 0,
+            pba_offset: 0xc00,
+        })
+        .capability(Capability::pci_express(PcieCapConfig { flr: true }))
+        .build()
+        .unwrap();
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let dev = Fake {
+            pci,
+            calls: calls.clone(),
+            panic_on_write: false,
+            fail_quiesce: false,
+            bus: None,
+        };
+        let mut a = VfioUserAdapter::new(dev);
+        a.attach(DmaPort::new(Arc::new(NoPort)));
+        (a, calls)
+    }
+
+    struct NoPort;
+    impl DmaTransport for NoPort {
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DmaError> {
+            Err(DmaError::Disconnected)
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), DmaError> {
+            Err(DmaError::Disconnected)
+        }
+    }
+
+    fn quiet_panics<R>(f: impl FnOnce() -> R) -> R {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = f();
+        std::panic::set_hook(prev);
+        r
+    }
+
+    fn fds(n: usize) -> (Vec<crate::pci::EventFd>, IrqData) {
+        let evs: Vec<_> = (0..n).map(|_| new_eventfd().unwrap()).collect();
+        let owned = evs
+            .iter()
+            .map(|e| Some(e.as_fd().try_clone_to_owned().unwrap()))
+            .collect();
+        (evs, IrqData::Eventfds(owned))
+    }
+
+    #[test]
+    fn device_gets_the_event_bus_and_msix_table_is_routed_to_the_pci_model() {
+        let (mut a, _) = fake();
+        assert!(a.with_device(|d| d.bus.as_ref().is_some_and(|b| Arc::ptr_eq(b, a.events()))));
+        // Table entry 1 data word: routed to the PCI model, not to bar_read (0xee).
+        a.region_write(0, 0x800 + 16 + 8, &0x4321u32.to_le_bytes())
+            .unwrap();
+        let mut b = [0u8; 4];
+        a.region_read(0, 0x800 + 16 + 8, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x4321);
+        a.region_read(0, 0x10, &mut b).unwrap();
+        assert_eq!(b, [0xee; 4]);
+    }
+
+    #[test]
+    fn flr_resets_device_and_function() {
+        let (mut a, calls) = fake();
+        let ev = a.events().subscribe();
+        let cap = a
+            .with_device(|d| d.pci().find_capability(cap_id::PCI_EXPRESS))
+            .unwrap();
+        let devctl = u64::from(cap.offset) + 8;
+        a.region_write(region_index::CONFIG, 0x04, &[0x06, 0])
+            .unwrap();
+        a.region_write(region_index::CONFIG, devctl, &0x8000u16.to_le_bytes())
+            .unwrap();
+        assert_eq!(calls.lock().unwrap().resets, 1);
+        let mut cmd = [0u8; 2];
+        a.region_read(region_index::CONFIG, 0x04, &mut cmd).unwrap();
+        assert_eq!(cmd, [0, 0], "command register back to its reset value");
+        assert!(ev.try_iter().any(|e| e == DeviceEvent::Reset));
+    }
+
+    #[test]
+    fn panic_fails_the_device_signals_err_and_reset_recovers() {
+        let (mut a, calls) = fake();
+        let (err, data) = fds(1);
+        a.set_irqs(irq_index::ERR, IrqAction::Trigger, 0, 1, data)
+            .unwrap();
+        a.with_device(|d| d.panic_on_write = true);
+        let r = quiet_panics(|| a.region_write(0, 0, &[0; 4]));
+        assert_eq!(r, Err(Errno::EIO));
+        assert_eq!(a.state(), DeviceState::Failed);
+        assert_eq!(drain_eventfd(err[0].as_fd()).unwrap(), 1, "ERR signalled");
+        let mut b = [0u8; 4];
+        assert_eq!(
+            a.region_read(region_index::CONFIG, 0, &mut b),
+            Err(Errno::EIO)
+        );
+        // IRQ teardown still works on a failed device.
+        a.set_irqs(irq_index::ERR, IrqAction::Trigger, 0, 0, IrqData::None)
+            .unwrap();
+        a.reset().unwrap();
+        assert_eq!(calls.lock().unwrap().resets, 1);
+        assert_eq!(a.state(), DeviceState::Running);
+        a.region_write(0, 0, &[0; 4]).unwrap();
+    }
+
+    #[test]
+    fn quiesce_failure_still_swaps_memory_and_fails_the_device() {
+        let (mut a, calls) = fake();
+        let m = Arc::new(MmapRegion::new(0x1000).unwrap());
+        let r = DmaRegion {
+            iova: 0,
+            size: 0x1000,
+            prot: dma_flags::READ | dma_flags::WRITE,
+            mapping: Some(m),
+            map_offset: 0,
+        };
+        a.dma_map(std::slice::from_ref(&r), &r).unwrap();
+        assert_eq!(calls.lock().unwrap().regions, Some(1));
+        a.with_device(|d| d.fail_quiesce = true);
+        assert_eq!(a.dma_unmap(&[], std::slice::from_ref(&r)), Err(Errno::EIO));
+        assert_eq!(
+            calls.lock().unwrap().regions,
+            Some(0),
+            "removed range dropped"
+        );
+        assert_eq!(a.state(), DeviceState::Failed);
+        // Maps on a failed device are accepted (not rolled back) and tracked exactly.
+        a.dma_map(std::slice::from_ref(&r), &r).unwrap();
+        assert_eq!(calls.lock().unwrap().regions, Some(1));
+        assert_eq!(a.state(), DeviceState::Failed);
+    }
+
+    #[test]
+    fn set_irqs_routing() {
+        let (mut a, _) = fake();
+        let msix = a.with_device(|d| d.pci().msix().cloned()).unwrap();
+        let (evs, data) = fds(2);
+        a.set_irqs(irq_index::MSIX, IrqAction::Trigger, 0, 2, data)
+            .unwrap();
+        // DATA_BOOL mask of vector 1 only.
+        a.set_irqs(
+            irq_index::MSIX,
+            IrqAction::Mask,
+            0,
+            2,
+            IrqData::Bool(vec![false, true]),
+        )
+        .unwrap();
+        a.set_irqs(irq_index::MSIX, IrqAction::Trigger, 0, 2, IrqData::None)
+            .unwrap();
+        assert_eq!(drain_eventfd(evs[0].as_fd()).unwrap(), 1);
+        assert_eq!(drain_eventfd(evs[1].as_fd()).unwrap(), 0);
+        assert!(msix.is_pending(1).unwrap());
+        a.set_irqs(irq_index::MSIX, IrqAction::Unmask, 1, 1, IrqData::None)
+            .unwrap();
+        assert_eq!(drain_eventfd(evs[1].as_fd()).unwrap(), 1);
+        // A run of de-assigns (count > 0, no fds), then whole-index teardown.
+        a.set_irqs(
+            irq_index::MSIX,
+            IrqAction::Trigger,
+            1,
+            1,
+            IrqData::Eventfds(vec![None]),
+        )
+        .unwrap();
+        assert!(!msix.has_vector_fd(1).unwrap());
+        assert!(msix.has_vector_fd(0).unwrap());
+        a.set_irqs(irq_index::MSIX, IrqAction::Trigger, 0, 0, IrqData::None)
+            .unwrap();
+        assert!(!msix.has_vector_fd(0).unwrap());
+        // Eventfds only make sense for TRIGGER (and INTx UNMASK).
+        let (_e, data) = fds(1);
+        assert_eq!(
+            a.set_irqs(irq_index::MSIX, IrqAction::Mask, 0, 1, data),
+            Err(Errno::EINVAL)
+        );
+        let (_e, data) = fds(1);
+        assert_eq!(
+            a.set_irqs(irq_index::INTX, IrqAction::Mask, 0, 1, data),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            a.set_irqs(irq_index::MSI, IrqAction::Trigger, 0, 0, IrqData::None),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn intx_resampler_eventfd_unmasks() {
+        let (mut a, _) = fake();
+        let intx = a.with_device(|d| d.pci().intx().clone());
+        let (trig, data) = fds(1);
+        a.set_irqs(irq_index::INTX, IrqAction::Trigger, 0, 1, data)
+            .unwrap();
+        let (res, data) = fds(1);
+        a.set_irqs(irq_index::INTX, IrqAction::Unmask, 0, 1, data)
+            .unwrap();
+        intx.assert().unwrap();
+        assert_eq!(drain_eventfd(trig[0].as_fd()).unwrap(), 1);
+        assert!(intx.is_masked());
+        // The guest's EOI: KVM signals the resample eventfd.
+        nix::unistd::write(res[0].as_fd(), &1u64.to_ne_bytes()).unwrap();
+        let n = crate::doorbell::wait_eventfd(trig[0].as_fd(), Duration::from_secs(5)).unwrap();
+        assert_eq!(n, 1, "level still high: re-delivered after resample");
+    }
+
+    #[test]
+    fn detach_stops_and_drops_client_state() {
+        let (mut a, calls) = fake();
+        let msix = a.with_device(|d| d.pci().msix().cloned()).unwrap();
+        let (_evs, data) = fds(2);
+        a.set_irqs(irq_index::MSIX, IrqAction::Trigger, 0, 2, data)
+            .unwrap();
+        a.with_device(|d| d.pci().config_mut().set_u16(0x04, 0x6).unwrap());
+        a.detach();
+        assert_eq!(a.state(), DeviceState::Stopped);
+        let c = calls.lock().unwrap();
+        assert_eq!((c.stops, c.regions), (1, Some(0)));
+        assert!(!msix.has_vector_fd(0).unwrap());
+        // Device state (config space) is kept for the next client.
+        assert_eq!(a.with_device(|d| d.pci().command()), 0x6);
     }
 }

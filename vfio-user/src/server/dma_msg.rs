@@ -120,6 +120,11 @@ pub(super) fn expire_pending(c: &mut Conn) {
                 "vfio-user: DMA request id={id} addr={:#x} timed out",
                 p.addr
             );
+            // Say so explicitly: a dropped sender would read as Disconnected.
+            let _ = p.reply.send(Err(DmaError::Timeout {
+                addr: p.addr,
+                len: p.len as u64,
+            }));
         }
         keep
     });

@@ -305,9 +305,15 @@ pub(super) fn dma_unmap<D: ServerDevice>(
             req.address,
             req.size
         );
-    } else if let Err(e) = dev.dma_unmap(c.table.regions(), &removed) {
-        log::warn!("vfio-user: device failed DMA unmap: {e}");
-        return Err(e);
+    } else {
+        let r = dev.dma_unmap(c.table.regions(), &removed);
+        // Requests the device queued before it quiesced go out ahead of the reply, or
+        // fail if they touch what was just unmapped.
+        c.take_dma_requests(&removed);
+        if let Err(e) = r {
+            log::warn!("vfio-user: device failed DMA unmap: {e}");
+            return Err(e);
+        }
     }
     ok(req.as_bytes().to_vec())
 }

@@ -45,7 +45,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::caps::{self, PeerCaps};
 use crate::codec::{Decoder, OutQueue, Outgoing};
 use crate::device::{Errno, IrqAction, IrqData, ServerDevice};
-use crate::dma::{DmaPort, DmaRegion};
+use crate::dma::{DmaError, DmaPort, DmaRegion};
 use crate::dma_table::DmaTable;
 use crate::wire::cmd;
 
@@ -143,6 +143,63 @@ struct Conn {
     pending: HashMap<u16, PendingDma>,
     next_dma_id: u16,
     transport: Option<Arc<ConnTransport>>,
+    /// The server's queue of device DMA requests, so DMA_UNMAP can settle it before replying.
+    dma_rx: Receiver<DmaRequest>,
+    msg_timeout: Duration,
+}
+
+impl Conn {
+    /// Move queued device DMA requests of this connection onto the wire. With `removed`,
+    /// requests that touch a removed range fail instead: once the unmap reply is out, no
+    /// message may reach that memory.
+    fn take_dma_requests(&mut self, removed: &[DmaRegion]) {
+        while let Ok(req) = self.dma_rx.try_recv() {
+            if req.conn_gen != self.gen || self.peer.is_none() {
+                // Dropping `req.reply` reports Disconnected to the worker.
+                continue;
+            }
+            let end = req.addr.saturating_add(req.len as u64);
+            if removed.iter().any(|r| req.addr < r.end() && r.iova < end) {
+                let _ = req.reply.send(Err(DmaError::Refused {
+                    addr: req.addr,
+                    len: req.len as u64,
+                    errno: Errno::EFAULT as i32 as u32,
+                }));
+                continue;
+            }
+            let mut id = self.next_dma_id;
+            while self.pending.contains_key(&id) {
+                id = id.wrapping_add(1);
+            }
+            self.next_dma_id = id.wrapping_add(1);
+            let command = if req.write {
+                cmd::DMA_WRITE
+            } else {
+                cmd::DMA_READ
+            };
+            let bytes = encode_dma_request(self.layout, id, command, req.addr, req.len, &req.data);
+            log::debug!(
+                "vfio-user: -> {} id={id} addr={:#x} len={:#x}",
+                cmd::name(command),
+                req.addr,
+                req.len
+            );
+            self.out.push(Outgoing {
+                bytes,
+                fds: Vec::new(),
+            });
+            self.pending.insert(
+                id,
+                PendingDma {
+                    write: req.write,
+                    addr: req.addr,
+                    len: req.len,
+                    deadline: Instant::now() + self.msg_timeout,
+                    reply: req.reply,
+                },
+            );
+        }
+    }
 }
 
 /// A vfio-user server for one device.
@@ -337,6 +394,8 @@ impl<D: ServerDevice> Server<D> {
                         pending: HashMap::new(),
                         next_dma_id: 0,
                         transport: None,
+                        dma_rx: self.dma_rx.clone(),
+                        msg_timeout: self.options.msg_timeout,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -439,46 +498,10 @@ impl<D: ServerDevice> Server<D> {
     }
 
     fn run_dma_requests(&mut self) {
-        while let Ok(req) = self.dma_rx.try_recv() {
-            let Some(c) = self
-                .conn
-                .as_mut()
-                .filter(|c| c.gen == req.conn_gen && c.peer.is_some())
-            else {
-                // Dropping `req.reply` reports Disconnected to the worker.
-                continue;
-            };
-            let mut id = c.next_dma_id;
-            while c.pending.contains_key(&id) {
-                id = id.wrapping_add(1);
-            }
-            c.next_dma_id = id.wrapping_add(1);
-            let command = if req.write {
-                cmd::DMA_WRITE
-            } else {
-                cmd::DMA_READ
-            };
-            let bytes = encode_dma_request(c.layout, id, command, req.addr, req.len, &req.data);
-            log::debug!(
-                "vfio-user: -> {} id={id} addr={:#x} len={:#x}",
-                cmd::name(command),
-                req.addr,
-                req.len
-            );
-            c.out.push(Outgoing {
-                bytes,
-                fds: Vec::new(),
-            });
-            c.pending.insert(
-                id,
-                PendingDma {
-                    write: req.write,
-                    addr: req.addr,
-                    len: req.len,
-                    deadline: Instant::now() + self.options.msg_timeout,
-                    reply: req.reply,
-                },
-            );
+        match self.conn.as_mut() {
+            Some(c) => c.take_dma_requests(&[]),
+            // Dropping the requests reports Disconnected to their workers.
+            None => while self.dma_rx.try_recv().is_ok() {},
         }
     }
 

@@ -111,18 +111,27 @@ pub struct RawFile {
 impl RawFile {
     /// Open `path`.
     pub fn open(path: &Path, opts: &RawFileOptions) -> Result<Self, OpenError> {
-        let align = opts.direct_align;
-        if !align.is_power_of_two() || !(512..=4096).contains(&align) {
-            return Err(OpenError::Align(align));
-        }
-        let open = |direct: bool| {
+        Self::open_with(path, opts, |direct| {
             let mut o = OpenOptions::new();
             o.read(true).write(!opts.read_only);
             if direct {
                 o.custom_flags(libc::O_DIRECT);
             }
             o.open(path)
-        };
+        })
+    }
+
+    /// `open` with the actual open(2) supplied (`open(direct)`), so the O_DIRECT fallback
+    /// can be tested on filesystems that accept O_DIRECT.
+    fn open_with(
+        path: &Path,
+        opts: &RawFileOptions,
+        open: impl Fn(bool) -> io::Result<File>,
+    ) -> Result<Self, OpenError> {
+        let align = opts.direct_align;
+        if !align.is_power_of_two() || !(512..=4096).contains(&align) {
+            return Err(OpenError::Align(align));
+        }
         let open_err = |source| OpenError::Open {
             path: path.to_path_buf(),
             source,
@@ -792,6 +801,35 @@ mod tests {
             .unwrap();
         assert_eq!(&dst[3..], &data[..]);
         f.flush().unwrap();
+    }
+
+    #[test]
+    fn o_direct_refused_at_open_falls_back_to_buffered() {
+        let img = TempImage::new(8192);
+        let opts = RawFileOptions {
+            direct: true,
+            ..Default::default()
+        };
+        // A filesystem that refuses O_DIRECT (tmpfs on older kernels) answers EINVAL.
+        let f = RawFile::open_with(&img.0, &opts, |direct| {
+            if direct {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                OpenOptions::new().read(true).write(true).open(&img.0)
+            }
+        })
+        .unwrap();
+        assert!(!f.is_direct());
+        let mut b = vec![3u8; 1000];
+        f.write_vectored(512, &[VolatileSlice::from(&mut b[..])])
+            .unwrap();
+        assert_eq!(f.bounced_ops(), 0);
+        assert_eq!(&img.contents()[512..1512], &b[..]);
+        // Other open errors are reported, not papered over.
+        let e = RawFile::open_with(&img.0, &opts, |_| {
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        });
+        assert!(matches!(e, Err(OpenError::Open { .. })));
     }
 
     #[test]

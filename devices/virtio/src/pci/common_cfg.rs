@@ -2,7 +2,8 @@
 //!
 //! [`CommonCfg`] holds the registers and enforces their semantics: feature windows, the
 //! status machine (FEATURES_OK refusal, reset on 0, sticky bits), per-queue fields writable
-//! only while the queue is disabled, queue size limits, MSI-X vector read-back and queue
+//! only while the queue is disabled (at any status, since older SeaBIOS sets its queue up
+//! before FEATURES_OK), queue size limits, MSI-X vector read-back and queue
 //! reset. Side effects (stopping queues, starting the datapath, device-type feature checks)
 //! are delegated to a [`CommonCfgHooks`] implementation, called synchronously inside the
 //! write so that the next read already sees the outcome (a reset is complete before
@@ -516,10 +517,8 @@ impl CommonCfg {
             debug!("common cfg: queue_enable={v} ignored");
             return;
         }
-        if self.status & status::FEATURES_OK == 0 {
-            debug!("common cfg: queue_enable before FEATURES_OK ignored");
-            return;
-        }
+        // No FEATURES_OK requirement: SeaBIOS before 2023 enables its queue before it
+        // negotiates features. The queue still starts only at DRIVER_OK.
         match self.queues.get_mut(usize::from(index)) {
             Some(q) if !q.enabled && q.max_size != 0 && q.size != 0 => q.enabled = true,
             _ => return,
@@ -834,10 +833,13 @@ mod tests {
             (0x2_0000_1000, 0x3_0000_2000, 0x4_0000_3000)
         );
 
-        // Enable before FEATURES_OK is ignored.
+        // Enable before FEATURES_OK is accepted (older SeaBIOS does it in that order).
         w(c, h, offset::QUEUE_ENABLE, 2, 1);
-        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 1);
+        assert_eq!(h.events.last(), Some(&Ev::Enabled(1)));
         negotiate(c, h, VIRTIO_F_VERSION_1);
+        assert_eq!(r(c, offset::QUEUE_ENABLE, 2), 0, "reset disabled it");
+        h.events.clear();
         w(c, h, offset::QUEUE_SELECT, 2, 1);
         w(c, h, offset::QUEUE_DESC_LO, 4, 0x1000);
         w(c, h, offset::QUEUE_ENABLE, 2, 1);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use emudev::device::{DeviceError, DeviceModel};
 use emudev::pci::cap_id;
+use emudev::transport::InProc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::common_cfg::offset as co;
@@ -148,4 +149,111 @@ fn echo_device_over_the_poller() {
     wr(&mut d, layout::NOTIFY_OFFSET, 2, 0);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(drv.used_idx(), used_before);
+}
+
+/// The PCI-cfg access window, as SeaBIOS uses it when the virtio BAR is above 4 GiB.
+struct Window {
+    cap: u64,
+}
+
+impl Window {
+    fn find(io: &mut InProc<VirtioPciDevice<EchoDev>>) -> Self {
+        let cap = io.with_device(|d| {
+            let pci = d.pci();
+            pci.capabilities()
+                .iter()
+                .filter(|c| c.id == cap_id::VENDOR)
+                .map(|c| c.offset)
+                .find(|&o| pci.config().u8_at(usize::from(o) + 3) == 5)
+                .unwrap()
+        });
+        Self {
+            cap: u64::from(cap),
+        }
+    }
+
+    fn setup(&self, io: &mut InProc<VirtioPciDevice<EchoDev>>, off: u64, len: usize) {
+        io.config_write(self.cap + 4, &[VIRTIO_BAR]).unwrap();
+        io.config_write(self.cap + 8, &(off as u32).to_le_bytes())
+            .unwrap();
+        io.config_write(self.cap + 12, &(len as u32).to_le_bytes())
+            .unwrap();
+    }
+
+    fn write(&self, io: &mut InProc<VirtioPciDevice<EchoDev>>, off: u64, len: usize, v: u64) {
+        self.setup(io, off, len);
+        io.config_write(self.cap + 16, &v.to_le_bytes()[..len])
+            .unwrap();
+    }
+
+    fn read(&self, io: &mut InProc<VirtioPciDevice<EchoDev>>, off: u64, len: usize) -> u64 {
+        self.setup(io, off, len);
+        let mut b = [0u8; 8];
+        io.config_read(self.cap + 16, &mut b[..len]).unwrap();
+        u64::from_le_bytes(b)
+    }
+}
+
+#[test]
+fn echo_through_the_vfio_user_adapter_with_intx_and_the_pci_cfg_window() {
+    let pool = PollerPool::new(1).unwrap();
+    let dev = VirtioPciDevice::new("echo1", EchoDev { pool }).unwrap();
+    let mut io = InProc::new(dev, 2).unwrap();
+    let intx = io.enable_intx().unwrap();
+    let w = Window::find(&mut io);
+    let mem = io.mem().clone();
+    let mut drv = SplitDriver::new(mem.clone(), 0x1_0000, 8);
+
+    // SeaBIOS-style bring-up, every access through config space.
+    w.write(&mut io, co::DEVICE_STATUS, 1, 0);
+    w.write(&mut io, co::DEVICE_STATUS, 1, 3);
+    w.write(&mut io, co::DEVICE_FEATURE_SELECT, 4, 1);
+    assert_eq!(w.read(&mut io, co::DEVICE_FEATURE, 4) & 1, 1, "VERSION_1");
+    w.write(&mut io, co::DRIVER_FEATURE_SELECT, 4, 1);
+    w.write(&mut io, co::DRIVER_FEATURE, 4, 1);
+    w.write(&mut io, co::DEVICE_STATUS, 1, 0xb);
+    assert_eq!(w.read(&mut io, co::DEVICE_STATUS, 1), 0xb);
+    w.write(&mut io, co::QUEUE_SELECT, 2, 0);
+    assert_eq!(w.read(&mut io, co::QUEUE_SIZE, 2), 16);
+    w.write(&mut io, co::QUEUE_SIZE, 2, 8);
+    for (lo, v) in [
+        (co::QUEUE_DESC_LO, drv.desc),
+        (co::QUEUE_DRIVER_LO, drv.avail),
+        (co::QUEUE_DEVICE_LO, drv.used),
+    ] {
+        w.write(&mut io, lo, 4, v & 0xffff_ffff);
+        w.write(&mut io, lo + 4, 4, v >> 32);
+    }
+    w.write(&mut io, co::QUEUE_ENABLE, 2, 1);
+    w.write(&mut io, co::DEVICE_STATUS, 1, 0xf);
+    assert!(io.with_device(|d| d.queue_started(0)));
+
+    mem.write(0x8_0000, b"ping").unwrap();
+    let head = drv.add_chain(&[Buf::r(0x8_0000, 4), Buf::w(0x9_0000, 16)]);
+    let notify_off = w.read(&mut io, co::QUEUE_NOTIFY_OFF, 2);
+    w.write(&mut io, layout::NOTIFY_OFFSET + 4 * notify_off, 2, 0);
+    let mut used = None;
+    wait_for("used entry", || {
+        used = drv.pop_used();
+        used.is_some()
+    });
+    assert_eq!(used, Some((u32::from(head), 4)));
+    let mut out = [0u8; 4];
+    mem.read(0x9_0000, &mut out).unwrap();
+    assert_eq!(&out, b"ping");
+
+    // INTx with ISR bit 0; reading the ISR clears it and lowers the line.
+    assert!(intx.wait(Duration::from_secs(5)) >= 1);
+    let mut st = [0u8; 2];
+    io.config_read(6, &mut st).unwrap();
+    assert_ne!(u16::from_le_bytes(st) & 0x8, 0, "status interrupt bit");
+    assert_eq!(w.read(&mut io, layout::ISR_OFFSET, 1), 1);
+    assert_eq!(w.read(&mut io, layout::ISR_OFFSET, 1), 0);
+    io.config_read(6, &mut st).unwrap();
+    assert_eq!(u16::from_le_bytes(st) & 0x8, 0);
+
+    // DEVICE_RESET from the client: queues stopped, registers at power-on values.
+    io.reset().unwrap();
+    assert!(!io.with_device(|d| d.queue_started(0)));
+    assert_eq!(w.read(&mut io, co::DEVICE_STATUS, 1), 0);
 }

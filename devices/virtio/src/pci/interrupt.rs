@@ -164,3 +164,49 @@ impl Notifier for QueueNotifier {
         self.irqs.signal_queue(self.index);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intx_path_sets_isr_bits_and_reset_clears() {
+        let intx = Arc::new(IntxLine::new());
+        let irqs = Arc::new(VirtioInterrupts::new(2, None, intx.clone()));
+        let n1 = QueueNotifier::new(irqs.clone(), 1);
+        n1.notify();
+        irqs.signal_queue(7); // No such queue: ignored.
+        assert_eq!(irqs.peek_isr(), ISR_QUEUE);
+        assert!(intx.level());
+        irqs.signal_config();
+        assert_eq!(irqs.read_isr(), ISR_QUEUE | ISR_CONFIG);
+        assert!(!intx.level());
+        assert_eq!(irqs.read_isr(), 0);
+        assert_eq!((irqs.queue_irq_count(1), irqs.config_irq_count()), (1, 1));
+        assert_eq!(irqs.queue_irq_count(7), 0);
+        n1.notify();
+        irqs.reset();
+        assert_eq!(irqs.peek_isr(), 0);
+        assert!(!intx.level());
+    }
+
+    #[test]
+    fn msix_disabled_falls_back_to_intx_even_with_vectors() {
+        let intx = Arc::new(IntxLine::new());
+        let msix = Arc::new(Msix::new(3).unwrap());
+        let irqs = VirtioInterrupts::new(1, Some(msix.clone()), intx.clone());
+        irqs.set_queue_vector(0, 1);
+        irqs.signal_queue(0);
+        assert_eq!(irqs.read_isr(), ISR_QUEUE);
+        // Enabled: the vector gets it (pending here, no sink), no ISR bit.
+        msix.set_control(0x8000).unwrap();
+        irqs.signal_queue(0);
+        assert_eq!(irqs.peek_isr(), 0);
+        assert!(msix.is_pending(1).unwrap());
+        // NO_VECTOR: nothing at all.
+        irqs.set_queue_vector(0, VIRTIO_MSI_NO_VECTOR);
+        irqs.signal_config();
+        assert_eq!(irqs.peek_isr(), 0);
+        assert!(!msix.is_pending(0).unwrap() && !msix.is_pending(2).unwrap());
+    }
+}

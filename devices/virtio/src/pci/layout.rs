@@ -145,7 +145,12 @@ pub fn virtio_caps(num_queues: u16, device_cfg_len: u64) -> Vec<VirtioCap> {
                 cfg_type::DEVICE,
                 VIRTIO_BAR,
                 DEVICE_CFG_OFFSET,
-                device_cfg_len.min(DEVICE_CFG_SIZE),
+                // Linux rejects a capability of length 0 ("bad capability len"), so a
+                // device without configuration still gets one readable dword.
+                device_cfg_len
+                    .div_ceil(4)
+                    .saturating_mul(4)
+                    .clamp(4, DEVICE_CFG_SIZE),
             ),
             None,
         ),
@@ -197,6 +202,13 @@ mod tests {
         assert_eq!(&notify[9..13], &12u32.to_le_bytes());
         assert_eq!(&notify[13..17], &4u32.to_le_bytes());
         assert_eq!(&caps[3].data[9..13], &60u32.to_le_bytes());
+        // Device cap length: whole dwords, never 0.
+        assert_eq!(&virtio_caps(1, 0)[3].data[9..13], &4u32.to_le_bytes());
+        assert_eq!(&virtio_caps(1, 6)[3].data[9..13], &8u32.to_le_bytes());
+        assert_eq!(
+            &virtio_caps(1, 1 << 20)[3].data[9..13],
+            &0x1000u32.to_le_bytes()
+        );
         assert!(caps[..4].iter().all(|c| c.wmask.iter().all(|&m| m == 0)));
         let pcfg = &caps[4];
         assert_eq!(pcfg.data[0], cfg_type::PCI_CFG);

@@ -9,6 +9,8 @@
 //! - `device_type`: the [`VirtioDeviceType`] trait blk and net implement.
 //! - `stats`: counters.
 //! - `transport`: [`VirtioPciDevice`], the `DeviceModel` tying it together.
+//! - `tests` (mock type + mock engine) and `e2e_tests` (echo type on the real poller, also
+//!   through the vfio-user adapter via `InProc`).
 
 pub mod common_cfg;
 pub mod device_type;
@@ -23,7 +25,9 @@ pub use common_cfg::{CommonCfg, CommonCfgHooks, QueueRegs, VIRTIO_MSI_NO_VECTOR}
 pub use device_type::VirtioDeviceType;
 pub use interrupt::{QueueNotifier, VirtioInterrupts};
 pub use stats::{QueueStats, TransportStats};
-pub use transport::{VirtioPciDevice, VirtioPciError, DEFAULT_ENGINE_TIMEOUT, TRANSPORT_FEATURES};
+pub use transport::{
+    VirtioPciDevice, VirtioPciError, VirtioPciOptions, DEFAULT_ENGINE_TIMEOUT, TRANSPORT_FEATURES,
+};
 
 #[cfg(test)]
 mod e2e_tests;

@@ -23,6 +23,8 @@ enum Ev {
     Memory(usize),
     Start(u16, QueueConfig),
     Stop(u16),
+    Pause,
+    Resume,
 }
 
 #[derive(Default)]
@@ -79,6 +81,14 @@ impl Engine for MockEngine {
     fn destroy(&mut self) -> Completion {
         Completion::ready(Ok(()))
     }
+    fn pause(&mut self) -> Completion {
+        self.0.lock().unwrap().events.push(Ev::Pause);
+        Completion::ready(Ok(()))
+    }
+    fn resume(&mut self) -> Completion {
+        self.0.lock().unwrap().events.push(Ev::Resume);
+        Completion::ready(Ok(()))
+    }
 }
 
 /// A block-like device: 8-byte capacity (read-only) + 4-byte writable word.
@@ -87,6 +97,7 @@ struct MockDev {
     config: [u8; 12],
     refuse: u64,
     resets: usize,
+    sizes: Vec<u16>,
 }
 
 const DEV_FEATURES: u64 = (1 << 9) | (1 << 1) | VIRTIO_F_RING_RESET;
@@ -105,7 +116,7 @@ impl VirtioDeviceType for MockDev {
         features & self.refuse == 0
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![256, 128]
+        self.sizes.clone()
     }
     fn config_len(&self) -> usize {
         self.config.len()
@@ -145,17 +156,21 @@ impl VirtioDeviceType for MockDev {
     }
 }
 
-fn device() -> (VirtioPciDevice<MockDev>, Arc<Mutex<Shared>>) {
-    let shared = Arc::new(Mutex::new(Shared::default()));
+fn mock_dev(shared: &Arc<Mutex<Shared>>, sizes: &[u16]) -> MockDev {
     let mut config = [0u8; 12];
     config[..8].copy_from_slice(&0x1000u64.to_le_bytes());
-    let dev = MockDev {
+    MockDev {
         shared: shared.clone(),
         config,
         refuse: 0,
         resets: 0,
-    };
-    let d = VirtioPciDevice::new("vblk-test", dev).unwrap();
+        sizes: sizes.to_vec(),
+    }
+}
+
+fn device() -> (VirtioPciDevice<MockDev>, Arc<Mutex<Shared>>) {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let d = VirtioPciDevice::new("vblk-test", mock_dev(&shared, &[256, 128])).unwrap();
     // The engine gets (empty) memory before anything else.
     assert_eq!(events(&shared), vec![Ev::Memory(0)]);
     (d, shared)
@@ -325,6 +340,19 @@ fn bring_up_starts_queues_after_features() {
     assert_eq!(ev.len(), 3);
     assert!(d.queue_started(0) && d.queue_started(1));
     assert_eq!(d.stats().queues[0].starts, 1);
+    // Queue events reach the bus.
+    let bus = Arc::new(emudev::events::EventBus::default());
+    let rx = bus.subscribe();
+    d.set_event_bus(bus);
+    wr(&mut d, co::DEVICE_STATUS, 1, 0);
+    let got: Vec<_> = rx.try_iter().collect();
+    assert_eq!(
+        got,
+        vec![
+            emudev::events::DeviceEvent::QueueStopped { queue: 0 },
+            emudev::events::DeviceEvent::QueueStopped { queue: 1 }
+        ]
+    );
 }
 
 #[test]
@@ -595,13 +623,29 @@ fn pci_cfg_window_reaches_the_bar() {
 }
 
 #[test]
-fn set_memory_reaches_the_engine_and_function_reset_clears_state() {
+fn quiesce_pauses_the_engine_around_the_memory_switch() {
     let (mut d, s) = device();
-    assert_eq!(events(&s), vec![]);
+    d.quiesce().unwrap();
     d.quiesce().unwrap();
     d.set_memory(Arc::new(GuestMemory::empty()));
     d.resume();
-    assert_eq!(events(&s), vec![Ev::Memory(0)]);
+    d.resume();
+    assert_eq!(events(&s), vec![Ev::Pause, Ev::Memory(0), Ev::Resume]);
+    // A client that goes away while paused: queues stop, the pause is lifted.
+    bring_up(&mut d, VIRTIO_F_VERSION_1);
+    events(&s);
+    d.quiesce().unwrap();
+    d.stop();
+    assert_eq!(
+        events(&s),
+        vec![Ev::Pause, Ev::Stop(0), Ev::Stop(1), Ev::Resume]
+    );
+    assert!(!d.queue_started(0));
+}
+
+#[test]
+fn function_reset_stops_queues_and_clears_registers() {
+    let (mut d, s) = device();
     bring_up(&mut d, VIRTIO_F_VERSION_1);
     events(&s);
     DeviceModel::reset(&mut d);
@@ -624,4 +668,96 @@ fn odd_bar_accesses_are_harmless() {
     let mut empty: [u8; 0] = [];
     d.bar_read(VIRTIO_BAR, 0x1000, &mut empty);
     assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0);
+}
+
+#[test]
+fn construction_rejects_bad_queue_layouts() {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let new = |sizes: &[u16]| VirtioPciDevice::new("bad", mock_dev(&shared, sizes));
+    assert!(matches!(
+        new(&[]),
+        Err(VirtioPciError::QueueCount { num: 0, .. })
+    ));
+    assert!(matches!(
+        new(&vec![8; 1025]),
+        Err(VirtioPciError::QueueCount { num: 1025, .. })
+    ));
+    assert!(matches!(
+        new(&[256, 100]),
+        Err(VirtioPciError::QueueSize { size: 100, .. })
+    ));
+    // An unavailable queue (size 0) is allowed and reads as size 0.
+    let mut d = new(&[8, 0]).unwrap();
+    wr(&mut d, co::QUEUE_SELECT, 2, 1);
+    assert_eq!(rd(&mut d, co::QUEUE_SIZE, 2), 0);
+    // 1024 queues fit the notify window; the MSI-X table has one vector per queue + config.
+    let d = new(&vec![8; 1024]).unwrap();
+    assert_eq!(d.common_cfg().num_queues(), 1024);
+}
+
+#[test]
+fn pcie_option_adds_express_capability() {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let opts = VirtioPciOptions {
+        pcie: true,
+        ..Default::default()
+    };
+    let mut d = VirtioPciDevice::with_options("pcie", mock_dev(&shared, &[8]), opts).unwrap();
+    assert_eq!(d.pci().config_size(), 4096);
+    let chain = walk_capabilities(d.pci().config().bytes()).unwrap();
+    let ids: Vec<u8> = chain.iter().map(|c| c.0).collect();
+    assert_eq!(
+        ids,
+        [
+            9,
+            9,
+            9,
+            9,
+            9,
+            cap_id::MSIX,
+            cap_id::POWER_MANAGEMENT,
+            cap_id::PCI_EXPRESS
+        ]
+    );
+}
+
+/// Older SeaBIOS order: queue set up and enabled right after ACKNOWLEDGE|DRIVER, features
+/// afterwards; the queue starts at DRIVER_OK with the final features.
+#[test]
+fn seabios_order_queue_before_features() {
+    let (mut d, s) = device();
+    wr(&mut d, co::DEVICE_STATUS, 1, 0);
+    assert_eq!(rd(&mut d, layout::ISR_OFFSET, 1), 0);
+    wr(&mut d, co::DEVICE_STATUS, 1, 3);
+    wr(&mut d, co::QUEUE_SELECT, 2, 0);
+    assert_eq!(rd(&mut d, co::QUEUE_SIZE, 2), 256);
+    wr(&mut d, co::QUEUE_SIZE, 2, 128);
+    assert_eq!(rd(&mut d, co::QUEUE_SIZE, 2), 128);
+    assert_eq!(rd(&mut d, co::QUEUE_ENABLE, 2), 0);
+    wr(&mut d, co::QUEUE_DESC_LO, 4, 0x7000);
+    wr(&mut d, co::QUEUE_DESC_HI, 4, 0);
+    wr(&mut d, co::QUEUE_ENABLE, 2, 1);
+    assert_eq!(rd(&mut d, co::QUEUE_ENABLE, 2), 1);
+    wr(&mut d, co::DRIVER_FEATURE_SELECT, 4, 1);
+    wr(&mut d, co::DRIVER_FEATURE, 4, 1);
+    wr(&mut d, co::DEVICE_STATUS, 1, 0xb);
+    assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0xb);
+    assert_eq!(events(&s), vec![]);
+    wr(&mut d, co::DEVICE_STATUS, 1, 0xf);
+    assert_eq!(
+        events(&s),
+        vec![
+            Ev::Features(VIRTIO_F_VERSION_1),
+            Ev::Start(
+                0,
+                QueueConfig {
+                    size: 128,
+                    desc_addr: 0x7000,
+                    driver_addr: 0,
+                    device_addr: 0,
+                    packed: false
+                }
+            )
+        ]
+    );
 }

@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use emudev::device::{DeviceError, DeviceModel};
+use emudev::events::{DeviceEvent, EventBus};
 use emudev::pci::{
-    cap_id, BarDef, Capability, MsixLayout, PciDevice, PciDeviceBuilder, PciError, PciIds,
-    MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
+    cap_id, BarDef, Capability, ConfigSize, MsixLayout, PciDevice, PciDeviceBuilder, PciError,
+    PciIds, PcieCapConfig, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
 };
 use emudev::GuestMemory;
 use log::{debug, error, warn};
@@ -33,7 +34,7 @@ use super::layout::{
 use super::pci_cfg::{PciCfgAccess, PciCfgCap};
 use super::stats::{inc, QueueStats, TransportCounters, TransportStats};
 use crate::engine::{Completion, Engine, EngineError, Kick};
-use crate::queue::{QueueConfig, QueueError};
+use crate::queue::{QueueConfig, QueueError, MAX_QUEUE_SIZE};
 
 /// PCI vendor id of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -45,11 +46,32 @@ pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_RESET;
 /// Default bound on waiting for the engine; below QEMU's 5 s message timeout.
 pub const DEFAULT_ENGINE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Construction options of a [`VirtioPciDevice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioPciOptions {
+    /// Present a PCI Express endpoint (4 KiB config space, PCIe capability with FLR)
+    /// instead of a conventional PCI function.
+    pub pcie: bool,
+    /// Bound on waiting for engine operations.
+    pub engine_timeout: Duration,
+}
+
+impl Default for VirtioPciOptions {
+    fn default() -> Self {
+        Self {
+            pcie: false,
+            engine_timeout: DEFAULT_ENGINE_TIMEOUT,
+        }
+    }
+}
+
 /// Errors building a [`VirtioPciDevice`].
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioPciError {
     #[error("{device}: {num} queues (1..={MAX_QUEUES} supported)")]
     QueueCount { device: String, num: usize },
+    #[error("{device}: queue size {size} is not a power of two <= 32768")]
+    QueueSize { device: String, size: u16 },
     #[error("{device}: device configuration of {len} bytes exceeds its 4 KiB window")]
     ConfigTooLarge { device: String, len: usize },
     #[error("{device}: virtio device id {id} out of range")]
@@ -90,6 +112,8 @@ struct Runtime {
     needs_reset: Arc<AtomicBool>,
     counters: Arc<TransportCounters>,
     timeout: Duration,
+    /// Where queue start/stop events go (set by the transport adapter).
+    events: Option<Arc<EventBus>>,
 }
 
 /// Raise DEVICE_NEEDS_RESET once and send the configuration interrupt.
@@ -101,6 +125,12 @@ fn raise_needs_reset(flag: &AtomicBool, irqs: &VirtioInterrupts, counters: &Tran
 }
 
 impl Runtime {
+    fn publish(&self, ev: DeviceEvent) {
+        if let Some(bus) = &self.events {
+            bus.publish(ev);
+        }
+    }
+
     fn wait<T>(&self, what: &str, c: Completion<T>) -> Result<T, EngineError> {
         let r = c.wait_timeout(self.timeout);
         match &r {
@@ -144,6 +174,7 @@ impl Runtime {
                 if let Some(qc) = self.counters.queue(index) {
                     inc(&qc.starts);
                 }
+                self.publish(DeviceEvent::QueueReady { queue: index });
                 // Buffers made available before the start are found by this kick.
                 if let Some(k) = self.kicks.get(i) {
                     k.signal();
@@ -174,6 +205,7 @@ impl Runtime {
         if let Some(qc) = self.counters.queue(index) {
             inc(&qc.stops);
         }
+        self.publish(DeviceEvent::QueueStopped { queue: index });
     }
 
     fn engine_memory(&mut self, mem: Arc<GuestMemory>) -> Completion {
@@ -249,6 +281,7 @@ impl<T: VirtioDeviceType> std::fmt::Debug for VirtioPciDevice<T> {
             .field("name", &self.name)
             .field("status", &self.common.status())
             .field("started", &self.rt.started)
+            .field("quiesced", &self.quiesced)
             .finish_non_exhaustive()
     }
 }
@@ -265,8 +298,17 @@ fn msix_bar_layout(vectors: u16) -> (u64, u32) {
 }
 
 impl<T: VirtioDeviceType> VirtioPciDevice<T> {
+    /// Build the PCI function for `dev` with default options and create its engine.
+    pub fn new(name: impl Into<String>, dev: T) -> Result<Self, VirtioPciError> {
+        Self::with_options(name, dev, VirtioPciOptions::default())
+    }
+
     /// Build the PCI function for `dev` and create its engine.
-    pub fn new(name: impl Into<String>, mut dev: T) -> Result<Self, VirtioPciError> {
+    pub fn with_options(
+        name: impl Into<String>,
+        mut dev: T,
+        opts: VirtioPciOptions,
+    ) -> Result<Self, VirtioPciError> {
         let name = name.into();
         let max_sizes = dev.queue_max_sizes();
         let nq = max_sizes.len();
@@ -279,6 +321,12 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
                 })
             }
         };
+        if let Some(&size) = max_sizes
+            .iter()
+            .find(|&&m| m != 0 && (!m.is_power_of_two() || m > MAX_QUEUE_SIZE))
+        {
+            return Err(VirtioPciError::QueueSize { device: name, size });
+        }
         let cfg_len = dev.config_len();
         if cfg_len as u64 > layout::DEVICE_CFG_SIZE {
             return Err(VirtioPciError::ConfigTooLarge {
@@ -321,7 +369,7 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
                 .map_err(|e| pci_err(PciError::Capability(e)))?;
             builder = builder.capability(c);
         }
-        let pci = builder
+        builder = builder
             .msix(MsixLayout {
                 vectors,
                 table_bar: MSIX_BAR,
@@ -329,9 +377,13 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
                 pba_bar: MSIX_BAR,
                 pba_offset,
             })
-            .capability(Capability::power_management())
-            .build()
-            .map_err(pci_err)?;
+            .capability(Capability::power_management());
+        if opts.pcie {
+            builder = builder
+                .config_size(ConfigSize::Express)
+                .capability(Capability::pci_express(PcieCapConfig { flr: true }));
+        }
+        let pci = builder.build().map_err(pci_err)?;
         let pci_cfg = pci
             .capabilities()
             .iter()
@@ -385,7 +437,8 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             started: vec![false; usize::from(num_queues)],
             needs_reset,
             counters,
-            timeout: DEFAULT_ENGINE_TIMEOUT,
+            timeout: opts.engine_timeout,
+            events: None,
         };
         // The engine contract wants memory before the first queue start.
         let c = rt.engine_memory(Arc::new(GuestMemory::empty()));
@@ -700,15 +753,38 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
         }
     }
 
-    /// The engine switches memory with a completed handshake in `set_memory`, which is the
-    /// quiesce point for DMA map changes; there is nothing else to stop here.
+    /// Pause the engine: no new requests are popped and none is in flight when this
+    /// returns. (`set_memory` additionally waits for the memory switch itself.)
     fn quiesce(&mut self) -> Result<(), DeviceError> {
-        self.quiesced = true;
-        Ok(())
+        if self.quiesced {
+            return Ok(());
+        }
+        let c = self.rt.engine.pause();
+        match self.rt.wait("pause", c) {
+            Ok(()) => {
+                self.quiesced = true;
+                Ok(())
+            }
+            Err(EngineError::Timeout) => Err(DeviceError::QuiesceTimeout {
+                device: self.name.clone(),
+                millis: u64::try_from(self.rt.timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+            Err(e) => Err(DeviceError::Failed {
+                device: self.name.clone(),
+                reason: format!("engine pause: {e}"),
+            }),
+        }
     }
 
     fn resume(&mut self) {
+        if !self.quiesced {
+            return;
+        }
         self.quiesced = false;
+        let c = self.rt.engine.resume();
+        if self.rt.wait("resume", c).is_err() && self.common.driver_ok() {
+            raise_needs_reset(&self.rt.needs_reset, &self.rt.irqs, &self.rt.counters);
+        }
     }
 
     fn reset(&mut self) {
@@ -718,12 +794,21 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
         };
         hooks.device_reset();
         self.common.reset();
+        // Nothing runs after a reset; a pause would only block the next start.
+        self.resume();
         // The transport resets the PCI function (config space, MSI-X, INTx) after this.
         self.sync_vectors();
     }
 
+    /// Stop every queue; the registers stay (the next client's guest driver resets the
+    /// device). A pause is lifted since nothing runs any more.
     fn stop(&mut self) {
         self.rt.stop_all();
+        self.resume();
+    }
+
+    fn set_event_bus(&mut self, bus: Arc<EventBus>) {
+        self.rt.events = Some(bus);
     }
 
     fn attr(&self, key: &str) -> Option<String> {
