@@ -33,8 +33,10 @@ fi
 # One job on a 2-core machine: leave a core for everyone else.
 for target in $(cargo "${toolchain[@]}" fuzz list); do
     echo "fuzz.sh: ${target} for ${secs}s" >&2
-    mkdir -p "corpus/${target}" "target/corpus/${target}"
+    mkdir -p "target/corpus/${target}"
+    # Every checked-in seed set is read by every target (they share the stream layout).
+    seeds=(corpus/*/)
     cargo "${toolchain[@]}" fuzz run "${sanitizer[@]}" "$target" \
-        "target/corpus/${target}" "corpus/${target}" -- \
+        "target/corpus/${target}" "${seeds[@]}" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=4096 -max_len=65536 -print_final_stats=1
 done

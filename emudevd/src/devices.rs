@@ -4,11 +4,20 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+
 use emudev::testdev::TestDevice;
 use emudev::VfioUserAdapter;
+use emudev_blk::backend::null::NullBackend;
+use emudev_blk::backend::raw::{RawFile, RawFileOptions};
+use emudev_blk::backend::BlockBackend;
+use emudev_blk::config::BlkOptions;
+use emudev_blk::device::VirtioBlkDevice;
 use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
+use emudev_virtio::pci::VirtioPciDevice;
+use emudev_virtio::poller::PollerPool;
 
-use crate::config::{DeviceKind, DeviceSpec};
+use crate::config::{BlkBackendSpec, BlkSpec, DeviceKind, DeviceSpec};
 
 /// A device checked and ready to build.
 pub struct Prepared {
@@ -95,20 +104,48 @@ fn serve<D: emudev::DeviceModel + 'static>(
     })
 }
 
+fn virtio_blk(name: &str, b: &BlkSpec, pool: &Arc<PollerPool>) -> Result<VirtioPciDevice<VirtioBlkDevice>, String> {
+    let backend: Arc<dyn BlockBackend> = match &b.backend {
+        BlkBackendSpec::File { path, direct } => Arc::new(
+            RawFile::open(
+                path,
+                &RawFileOptions {
+                    read_only: b.readonly,
+                    direct: *direct,
+                    id: Some(b.serial.clone()),
+                    ..RawFileOptions::default()
+                },
+            )
+            .map_err(|e| format!("{name}: {e}"))?,
+        ),
+        BlkBackendSpec::Null { size } => Arc::new(NullBackend::new(*size).with_id(&b.serial)),
+    };
+    let opts = BlkOptions {
+        num_queues: b.num_queues,
+        read_only: b.readonly,
+        queue_size: b.queue_size,
+        ..BlkOptions::default()
+    };
+    let dev = VirtioBlkDevice::new(backend, opts, pool.clone()).map_err(|e| format!("{name}: {e}"))?;
+    VirtioPciDevice::new(name, dev).map_err(|e| format!("{name}: {e}"))
+}
+
 /// Build and serve every device. On failure, what was started is stopped again.
 pub fn start(
     prepared: Vec<Prepared>,
     listeners: Vec<(UnixListener, Option<PathBuf>)>,
-    _pollers: usize,
+    pollers: usize,
 ) -> Result<Running, String> {
     let mut running = Running { served: Vec::new() };
+    let pool = PollerPool::new(pollers).map_err(|e| format!("cannot start poller threads: {e}"))?;
     for (p, (listener, path)) in prepared.into_iter().zip(listeners) {
         let name = format!("{}{}", p.spec.kind.type_name(), p.spec.index);
         let r = match &p.spec.kind {
             DeviceKind::TestDev => TestDevice::new(&name)
                 .map_err(|e| format!("{name}: {e}"))
                 .and_then(|d| serve(name.clone(), d, listener, path.clone())),
-            DeviceKind::VirtioBlk(_) => Err(format!("{name}: virtio-blk is not wired up yet")),
+            DeviceKind::VirtioBlk(b) => virtio_blk(&name, b, &pool)
+                .and_then(|d| serve(name.clone(), d, listener, path.clone())),
         };
         match r {
             Ok(s) => running.served.push(s),

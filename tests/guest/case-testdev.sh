@@ -4,7 +4,8 @@
 # PCI ids, a BAR0 register read/write through sysfs mmap, our kernel module
 # (tests/guest/testdev-driver) binding with MSI-X enabled, two MSI-X vectors raised by the
 # device reaching their handlers, device DMA (FILL writes, CHECKSUM reads, COPY both) with
-# completion interrupts, the trapped doorbell register, the mappable doorbell page, rmmod.
+# completion interrupts, a DMA outside guest RAM failing cleanly, the trapped doorbell
+# register, the mappable doorbell page, rmmod, a second insmod/selftest/rmmod.
 # Each check prints "TESTDEV-CHECK PASS|FAIL <mode>: <what>" in the console log.
 # Needs: $BIN/testdev-server, target/guest/emudev_testdev.ko (build-testdev-driver.sh) and
 # a static guest-mmio ($GUEST_MMIO, default target/x86_64-unknown-linux-gnu/release/).
@@ -16,7 +17,7 @@ for f in "$BIN/testdev-server" "$KO" "$MMIO"; do
     [ -e "$f" ] || { echo "FAIL: missing $f"; exit 1; }
 done
 # Checks the guest must report per mode; fewer means the guest stopped early.
-EXPECTED_CHECKS=22
+EXPECTED_CHECKS=23
 
 cat >"$WORKDIR/guest.sh" <<'GUEST'
 #!/bin/sh
@@ -29,7 +30,6 @@ fail() { checks=$((checks + 1)); fails=$((fails + 1)); echo "TESTDEV-CHECK FAIL 
 # check WHAT CMD... : PASS when CMD succeeds
 check() { w=$1; shift; if "$@"; then pass "$w"; else fail "$w"; fi; }
 finish() { echo "TESTDEV: $MODE: $checks checks, $fails failed"; exit $((fails > 0 ? 1 : 0)); }
-hex() { printf '0x%x' "$(($1))"; }
 
 dev=""
 for d in /sys/bus/pci/devices/*; do
@@ -84,8 +84,9 @@ for v in 0 1; do
     check "MSI-X vector $v: handler ran, /proc/interrupts $b -> $a" [ "$ok" = 1 -a "$b" -ge 0 -a "$a" -gt "$b" ]
 done
 
-# device DMA: writes (fill), reads (checksum), both (copy); default size is 3 pages + 123
-for t in fill checksum copy "fill 1" "checksum 262149" "copy 262149"; do
+# device DMA: writes (fill), reads (checksum), both (copy); default size is 3 pages + 123;
+# bad: a job outside guest RAM must fail cleanly (status ERROR) and the device keep working
+for t in fill checksum copy "fill 1" bad "checksum 262149" "copy 262149"; do
     check "DMA selftest $t" selftest "$t"
 done
 

@@ -349,6 +349,11 @@ mod tests {
     }
 
     #[test]
+    fn missing_fixture_means_skip_not_failure() {
+        assert!(matches!(load("no-such-capture.strace"), Ok(None)));
+    }
+
+    #[test]
     fn truncated_string_is_an_error() {
         let text = "1 0.1 sendmsg(11, {msg_iov=[{iov_base=\"\\1\\0\"..., iov_len=99}]}, 0) = 99\n";
         assert_eq!(

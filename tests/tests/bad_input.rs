@@ -637,7 +637,10 @@ fn region_info_with_caps_and_small_argsz() {
     assert_eq!(i.cap_offset, 0);
     assert_eq!(i.size, BAR0_SIZE);
     // No caps included, so no CAPS flag (as the kernel's VFIO and libvfio-user do).
-    assert_eq!(i.flags, region_flags::READ | region_flags::WRITE | region_flags::MMAP);
+    assert_eq!(
+        i.flags,
+        region_flags::READ | region_flags::WRITE | region_flags::MMAP
+    );
     // Retry with the needed size: caps and exactly one fd.
     let r = expect_ok(&c, &region_info(2, i.argsz, 0), &[]);
     assert!(r.header.msg_size as usize <= HEADER_SIZE + i.argsz as usize);

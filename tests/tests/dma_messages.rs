@@ -1,5 +1,5 @@
 //! Server-initiated DMA_READ / DMA_WRITE (the fd-less DMA path) against a raw client playing
-//! QEMU or a spec client: both wire layouts, chunking to the client's max_data_xfer_size,
+//! QEMU or a spec client: both wire layouts (spec by default, QEMU's u32 header on request), chunking to the client's max_data_xfer_size,
 //! error replies, timeouts with late replies, client loss while a transfer is outstanding,
 //! and the server answering region requests while its own DMA request is unanswered
 //! (doc §2.7 deadlock hazard).
@@ -12,13 +12,17 @@ use emudev_tests::device::TestDevice;
 use emudev_tests::harness::TestServer;
 use emudev_tests::raw::{check_ok, msg, version_request, RawClient, Reply, QEMU_CAPS_JSON};
 use emudev_vfio_user::wire::{cmd, hdr_flags, RegionAccess, HEADER_SIZE};
-use emudev_vfio_user::{DmaError, DmaPort, ServerOptions};
+use emudev_vfio_user::{DmaError, DmaLayout, DmaPort, ServerOptions};
 use zerocopy::IntoBytes;
 
 const SPEC_CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":4096}}"#;
 
 fn port(srv: &TestServer) -> DmaPort {
-    srv.dev.lock().dma_port.clone().expect("device got no DmaPort on attach")
+    srv.dev
+        .lock()
+        .dma_port
+        .clone()
+        .expect("device got no DmaPort on attach")
 }
 
 fn negotiated(srv: &TestServer, json: &str) -> RawClient {
@@ -37,7 +41,12 @@ fn u32_at(p: &[u8], off: usize) -> u32 {
 }
 
 fn reply_to(req: &Reply, payload: &[u8]) -> Vec<u8> {
-    msg(req.header.msg_id, req.header.command, hdr_flags::TYPE_REPLY, payload)
+    msg(
+        req.header.msg_id,
+        req.header.command,
+        hdr_flags::TYPE_REPLY,
+        payload,
+    )
 }
 
 /// Run a DMA read of `len` bytes at `addr` on a worker thread.
@@ -66,7 +75,11 @@ fn spec_layout_read_write_and_chunking() {
         let r = c.recv().expect("DMA_READ request");
         assert_eq!(r.header.command, cmd::DMA_READ);
         assert_eq!(r.header.flags, 0, "server request must be a command");
-        assert_eq!(r.payload.len(), 16, "spec DMA_READ request is address + u64 count");
+        assert_eq!(
+            r.payload.len(),
+            16,
+            "spec DMA_READ request is address + u64 count"
+        );
         let (addr, count) = (u64_at(&r.payload, 0), u64_at(&r.payload, 8));
         assert_eq!(addr, 0x10_0000 + served);
         assert!(count <= 4096);
@@ -78,7 +91,10 @@ fn spec_layout_read_write_and_chunking() {
     }
     let data = h.join().expect("reader").expect("DMA read");
     assert_eq!(sizes, vec![4096, 4096, 1808]);
-    assert!(data.iter().enumerate().all(|(i, &b)| b == pattern(0x10_0000 + i as u64)));
+    assert!(data
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern(0x10_0000 + i as u64)));
 
     // DMA_WRITE: data at payload offset 16; the spec reply echoes address and count.
     let pw = p.clone();
@@ -102,18 +118,41 @@ fn spec_layout_read_write_and_chunking() {
     }
 }
 
+/// QEMU 11.1.3 uses the spec layout on the wire (h1 traced it; see server/mod.rs), so a
+/// client with QEMU's capabilities gets spec-layout requests, and QEMU's 32-byte DMA_WRITE
+/// reply (header + address + count echo) is accepted.
 #[test]
-fn qemu_layout_read_and_write() {
+fn qemu_client_gets_spec_layout() {
     let srv = TestServer::start();
+    let c = negotiated(&srv, QEMU_CAPS_JSON);
+    let p = port(&srv);
+    let h = std::thread::spawn(move || p.write(0x5000, &[9; 6]));
+    let r = c.recv().expect("DMA_WRITE");
+    assert_eq!(r.header.msg_size as usize, 32 + 6);
+    assert_eq!((u64_at(&r.payload, 0), u64_at(&r.payload, 8)), (0x5000, 6));
+    assert_eq!(&r.payload[16..], &[9; 6]);
+    c.send(&reply_to(&r, &r.payload[..16]), &[]).expect("reply");
+    h.join().expect("writer").expect("write");
+}
+
+/// The u32-count layout of QEMU's `VFIOUserDMARW` header, selected explicitly.
+#[test]
+fn explicit_u32_layout_read_and_write() {
+    let (dev, h) = TestDevice::new();
+    let opts = ServerOptions {
+        dma_layout: Some(DmaLayout::Qemu),
+        ..ServerOptions::default()
+    };
+    let srv = TestServer::start_with(dev, h, opts);
     let c = negotiated(&srv, QEMU_CAPS_JSON);
     let p = port(&srv);
     let h = spawn_read(p.clone(), 0x4000, 16);
     let r = c.recv().expect("DMA_READ");
-    // QEMU's VFIOUserDMARW: u64 address, u32 count, data at byte 28, 32-byte minimum.
+    // u64 address, u32 count, data at byte 28, 32-byte minimum.
     assert_eq!(r.header.command, cmd::DMA_READ);
     assert_eq!(r.header.msg_size, 32);
     assert_eq!((u64_at(&r.payload, 0), u32_at(&r.payload, 8)), (0x4000, 16));
-    // QEMU's reply: 32 + count bytes, data at byte 28.
+    // Reply: 32 + count bytes, data at byte 28.
     let mut pl = r.payload[..12].to_vec();
     pl.extend((0x4000..0x4010u64).map(pattern));
     pl.extend([0u8; 4]);
@@ -126,7 +165,7 @@ fn qemu_layout_read_and_write() {
     assert_eq!(r.header.msg_size as usize, 32 + 6);
     assert_eq!((u64_at(&r.payload, 0), u32_at(&r.payload, 8)), (0x5000, 6));
     assert_eq!(&r.payload[12..18], &[9; 6]);
-    // QEMU answers DMA_WRITE header-only.
+    // Header-only reply.
     c.send(&reply_to(&r, &[]), &[]).expect("reply");
     h.join().expect("writer").expect("write");
 }
@@ -138,8 +177,20 @@ fn region_requests_are_served_while_a_dma_request_is_unanswered() {
     let h = spawn_read(port(&srv), 0x6000, 4);
     let dma = c.recv().expect("DMA_READ");
     // A vCPU's MMIO read arrives before QEMU answers the DMA: it must be answered.
-    let rr = msg(77, cmd::REGION_READ, 0, RegionAccess { offset: 0, region: 7, count: 2 }.as_bytes());
-    let r = c.call(&rr, &[]).expect("REGION_READ answered while DMA pending");
+    let rr = msg(
+        77,
+        cmd::REGION_READ,
+        0,
+        RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 2,
+        }
+        .as_bytes(),
+    );
+    let r = c
+        .call(&rr, &[])
+        .expect("REGION_READ answered while DMA pending");
     check_ok(&rr, &r).expect("REGION_READ ok");
     let mut pl = dma.payload.clone();
     pl.extend([1, 2, 3, 4]);
@@ -150,7 +201,10 @@ fn region_requests_are_served_while_a_dma_request_is_unanswered() {
 #[test]
 fn timeout_then_late_reply_is_dropped() {
     let (dev, h) = TestDevice::new();
-    let opts = ServerOptions { msg_timeout: Duration::from_millis(200), ..ServerOptions::default() };
+    let opts = ServerOptions {
+        msg_timeout: Duration::from_millis(200),
+        ..ServerOptions::default()
+    };
     let srv = TestServer::start_with(dev, h, opts);
     let c = negotiated(&srv, SPEC_CAPS);
     let t = Instant::now();
@@ -165,7 +219,17 @@ fn timeout_then_late_reply_is_dropped() {
     let mut pl = dma.payload.clone();
     pl.extend([1, 2, 3, 4]);
     c.send(&reply_to(&dma, &pl), &[]).expect("late reply");
-    let rr = msg(78, cmd::REGION_READ, 0, RegionAccess { offset: 0, region: 7, count: 4 }.as_bytes());
+    let rr = msg(
+        78,
+        cmd::REGION_READ,
+        0,
+        RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 4,
+        }
+        .as_bytes(),
+    );
     let r = c.call(&rr, &[]).expect("next request");
     check_ok(&rr, &r).expect("REGION_READ ok");
     assert_eq!(r.payload.len(), HEADER_SIZE + 4);
@@ -189,7 +253,10 @@ fn client_loss_fails_outstanding_dma_quickly() {
         Ok(Err(DmaError::Disconnected)) => {}
         other => panic!("expected Disconnected, got {other:?}"),
     }
-    assert!(t.elapsed() < Duration::from_secs(1), "DMA waited for the timeout after client loss");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "DMA waited for the timeout after client loss"
+    );
     srv.wait_for("detach", |d| d.detaches == 1);
     // The old port stays dead; a new client gets a working one.
     let mut b = [0u8; 1];
@@ -201,7 +268,9 @@ fn client_loss_fails_outstanding_dma_quickly() {
         let req = version_request(0, 0, 0, Some(SPEC_CAPS));
         match c.call(&req, &[]) {
             Ok(r) if !r.header.is_error() => break c,
-            _ if t.elapsed() < Duration::from_secs(2) => std::thread::sleep(Duration::from_millis(5)),
+            _ if t.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             other => panic!("reconnect failed: {other:?}"),
         }
     };

@@ -317,10 +317,9 @@ fn check_reply(
     Ok(())
 }
 
-fn replay(name: &str) {
-    let Some(cap) = fixtures::load(name).expect("parse capture") else {
-        return;
-    };
+/// Sequential replay; returns the device's (config, BAR2, DMA table) before the disconnect.
+fn replay(name: &str) -> Option<(Vec<u8>, Vec<u8>, Vec<SeenDma>)> {
+    let cap = fixtures::load(name).expect("parse capture")?;
     let msgs = cap.to_server();
     assert!(!msgs.is_empty(), "{name}: no client messages");
     assert_eq!(msgs[0].header.command, cmd::VERSION);
@@ -394,6 +393,10 @@ fn replay(name: &str) {
     }
     // Disconnect: the server unmaps everything and detaches, keeping device state.
     let config_before = srv.dev.lock().config.clone();
+    let state = {
+        let d = srv.dev.lock();
+        (d.config.clone(), d.bar2.clone(), d.dma_table.clone())
+    };
     drop(client);
     srv.wait_for("detach after disconnect", |d| d.detaches == 1);
     let dev = srv.dev.lock();
@@ -404,6 +407,7 @@ fn replay(name: &str) {
     );
     assert!(dev.irq_fds.iter().flatten().all(|f| f.is_none()));
     assert_eq!(dev.config, config_before, "device state lost on disconnect");
+    Some(state)
 }
 
 #[test]
@@ -452,12 +456,12 @@ fn captures_parse_and_match_decoded_listings() {
 
 #[test]
 fn replay_qemu_shared_memory_startup() {
-    replay(fixtures::CAPTURES[0]);
+    let _ = replay(fixtures::CAPTURES[0]);
 }
 
 #[test]
 fn replay_qemu_anonymous_memory_startup() {
-    replay(fixtures::CAPTURES[1]);
+    let _ = replay(fixtures::CAPTURES[1]);
 }
 
 /// The VERSION golden test: our reply to QEMU's exact request bytes.
@@ -474,4 +478,98 @@ fn version_reply_to_qemu_request_bytes() {
     check_reply(&srv, req, &r, &mut model, &[]).expect("VERSION reply");
     let json = std::str::from_utf8(&r.payload[4..r.payload.len() - 1]).expect("utf8");
     eprintln!("VERSION reply ({} bytes): {json}", r.header.msg_size);
+}
+
+/// The same start-up, pipelined the way QEMU's iothread may send it: every REGION_WRITE
+/// posted (NO_REPLY, as QEMU does for BAR writes when no region is mappable), the whole
+/// stream written by one thread in small chunks that cross message boundaries (fds ride on a
+/// chunk that starts their message), replies read concurrently. Only non-posted requests
+/// get replies, in order, all successful; the device ends in the same state as after the
+/// sequential replay.
+#[test]
+fn replay_pipelined_with_posted_writes_and_small_chunks() {
+    for name in fixtures::CAPTURES {
+        let Some(want) = replay(name) else { return };
+        let cap = fixtures::load(name).expect("parse").expect("present");
+        let mut msgs: Vec<CapturedMsg> = cap.to_server().to_vec();
+        for m in msgs
+            .iter_mut()
+            .filter(|m| m.header.command == cmd::REGION_WRITE)
+        {
+            m.header.flags |= hdr_flags::NO_REPLY;
+            m.bytes[8..12].copy_from_slice(&m.header.flags.to_ne_bytes());
+        }
+        let expect_ids: Vec<u16> = msgs
+            .iter()
+            .filter(|m| m.header.flags & hdr_flags::NO_REPLY == 0)
+            .map(|m| m.header.msg_id)
+            .collect();
+        let ram = raw::memfd(1 << 30);
+        let srv = TestServer::start();
+        let client = srv.connect();
+        let got = std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                let mut evs = Vec::new();
+                let mut pending: Vec<u8> = Vec::new();
+                let mut seed = 0x2545_f491u32;
+                let mut next = |max: u32| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    ((seed >> 16) % max + 1) as usize
+                };
+                for m in &msgs {
+                    let fds = fds_for(m, &ram, &mut evs);
+                    if fds.is_empty() {
+                        pending.extend_from_slice(&m.bytes);
+                    } else {
+                        // Flush, then start this message with its fds.
+                        while !pending.is_empty() {
+                            let n = next(40).min(pending.len());
+                            client.send(&pending[..n], &[]).expect("send");
+                            pending.drain(..n);
+                        }
+                        let n = next(7).min(m.bytes.len());
+                        client.send(&m.bytes[..n], &fds).expect("send with fds");
+                        pending.extend_from_slice(&m.bytes[n..]);
+                    }
+                    while pending.len() > 64 {
+                        let n = next(40);
+                        client.send(&pending[..n], &[]).expect("send");
+                        pending.drain(..n);
+                    }
+                }
+                client.send(&pending, &[]).expect("send tail");
+                evs
+            });
+            let mut got = Vec::new();
+            for _ in 0..expect_ids.len() {
+                let r = client.recv().expect("pipelined reply");
+                assert_eq!(
+                    r.header.flags,
+                    hdr_flags::TYPE_REPLY,
+                    "{name}: error reply {r:?}"
+                );
+                got.push(r.header.msg_id);
+            }
+            let _evs = sender.join().expect("sender");
+            got
+        });
+        assert_eq!(
+            got, expect_ids,
+            "{name}: replies missing, extra or out of order"
+        );
+        // Nothing more: the next reply is our probe's.
+        let probe = raw::msg(
+            0xfff1,
+            cmd::DEVICE_GET_INFO,
+            0,
+            &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        check_ok(&probe, &client.call(&probe, &[]).expect("probe")).expect("probe reply");
+        let d = srv.dev.lock();
+        assert_eq!(
+            (&d.config, &d.bar2, &d.dma_table),
+            (&want.0, &want.1, &want.2),
+            "{name}"
+        );
+    }
 }

@@ -13,6 +13,8 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 /// Length of the GET_ID string.
 pub const ID_BYTES: usize = 20;
+/// Upper bound of `max_discard_seg` / `max_write_zeroes_seg`.
+pub const MAX_DISCARD_SEG: u32 = 256;
 
 /// Feature bits (as masks) that virtio-blk devices offer.
 pub mod feature {
@@ -191,7 +193,7 @@ pub struct BlkOptions {
     pub write_zeroes: bool,
     /// Max sectors per DISCARD / WRITE_ZEROES segment.
     pub max_discard_sectors: u32,
-    /// Max segments per DISCARD / WRITE_ZEROES request.
+    /// Max segments per DISCARD / WRITE_ZEROES request (clamped to 1..=256).
     pub max_discard_seg: u32,
 }
 
@@ -296,7 +298,9 @@ impl BlkConfig {
         }
         let lbs_sectors = lbs >> SECTOR_SHIFT;
         let max_sectors = opts.max_discard_sectors.max(lbs_sectors);
-        let max_seg = opts.max_discard_seg.max(1);
+        // Linux uses at most 256 (MAX_DISCARD_SEGMENTS); the cap also bounds the payload the
+        // engine reads per request.
+        let max_seg = opts.max_discard_seg.clamp(1, MAX_DISCARD_SEG);
         if !read_only && opts.discard && backend.supports_discard() {
             features |= feature::DISCARD;
             space.max_discard_sectors = U32::new(max_sectors);
@@ -457,6 +461,17 @@ mod tests {
         assert_eq!(c.space().physical_block_exp, 2);
         assert_eq!(c.space().num_queues.get(), 4);
         assert_eq!(c.space().size_max.get(), 65536);
+        // Discard segments are capped.
+        let c = BlkConfig::new(
+            &BlkOptions {
+                max_discard_seg: 100_000,
+                ..Default::default()
+            },
+            &b,
+        )
+        .unwrap();
+        assert_eq!(c.max_discard_seg(), MAX_DISCARD_SEG);
+        assert_eq!(c.max_write_zeroes_seg(), MAX_DISCARD_SEG);
     }
 
     #[test]

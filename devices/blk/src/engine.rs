@@ -118,9 +118,15 @@ enum Fail {
     Unsupp,
 }
 
+/// Backend failures logged so far (a failing disk must not flood the log).
+static BACKEND_ERRORS: AtomicU64 = AtomicU64::new(0);
+
 impl From<BackendError> for Fail {
     fn from(e: BackendError) -> Self {
-        log::warn!("virtio-blk backend: {e}");
+        let n = BACKEND_ERRORS.fetch_add(1, Ordering::Relaxed);
+        if n < 16 || n % 10_000 == 0 {
+            log::warn!("virtio-blk backend error #{}: {e}", n + 1);
+        }
         match e {
             BackendError::Unsupported => Fail::Unsupp,
             _ => Fail::IoErr,

@@ -257,7 +257,10 @@ mod tests {
         for i in 0..64u64 {
             put_hdr(&mem, BUF + 0x100 * i, req_type::IN, i * 8);
         }
-        let rounds = 20_000u64;
+        let rounds: u64 = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
         let start = std::time::Instant::now();
         for _ in 0..rounds {
             for i in 0..64u64 {

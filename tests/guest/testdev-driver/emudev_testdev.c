@@ -12,6 +12,8 @@
  *   fill [LEN]         device FILLs a coherent buffer with a pattern, guest checks each byte
  *   checksum [LEN]     guest writes random bytes, device CHECKSUMs (FNV-1a 32), compare
  *   copy [LEN]         device COPYs buffer A to B, guest compares
+ *   bad                device FILLs an address outside guest RAM: must end in status ERROR,
+ *                      count it in DMA_ERRORS and still raise the completion interrupt
  *   read OFF           BAR0 register read, result "0x%08x"
  *   write OFF VAL      BAR0 register write
  *
@@ -346,6 +348,40 @@ out:
 	buf_free(td, &a);
 }
 
+static void test_bad(struct td *td)
+{
+	/* far above any RAM or MMIO of the test guest, below the 64-bit DMA mask */
+	const u64 bad = 1ULL << 46;
+	int vec = td->nvec - 1;
+	struct td_vec *v = &td->vec[vec];
+	unsigned long deadline = jiffies + msecs_to_jiffies(DMA_TIMEOUT_MS);
+	u32 errors0 = rd(td, REG_DMA_ERRORS), errors, st;
+
+	wr64(td, REG_DMA_DST, bad);
+	wr(td, REG_DMA_LEN, 4096);
+	wr(td, REG_DMA_PATTERN, 0x0badf00d);
+	wr(td, REG_DMA_REPEAT, 1);
+	wr(td, REG_DMA_VECTOR, vec);
+	reinit_completion(&v->done);
+	wr(td, REG_DMA_CMD, CMD_FILL);
+	while ((st = rd(td, REG_DMA_STATUS)) == ST_BUSY && !time_after(jiffies, deadline))
+		usleep_range(200, 1000);
+	errors = rd(td, REG_DMA_ERRORS);
+	if (st == ST_BUSY) {
+		wr(td, REG_DMA_CMD, CMD_STOP);
+		snprintf(td->result, RESULT_LEN, "FAIL: job to 0x%llx still busy", bad);
+	} else if (st != ST_ERROR) {
+		snprintf(td->result, RESULT_LEN, "FAIL: job to 0x%llx ended with status %u", bad, st);
+	} else if (errors != errors0 + 1) {
+		snprintf(td->result, RESULT_LEN, "FAIL: DMA_ERRORS %u -> %u, want +1", errors0, errors);
+	} else if (!wait_for_completion_timeout(&v->done, msecs_to_jiffies(IRQ_TIMEOUT_MS))) {
+		snprintf(td->result, RESULT_LEN, "FAIL: no interrupt on vector %d after the error", vec);
+	} else {
+		snprintf(td->result, RESULT_LEN, "ok (status ERROR, DMA_ERRORS %u -> %u)", errors0,
+			 errors);
+	}
+}
+
 static ssize_t selftest_show(struct device *dev, struct device_attribute *attr, char *buf)
 {
 	struct td *td = dev_get_drvdata(dev);
@@ -385,6 +421,8 @@ static ssize_t selftest_store(struct device *dev, struct device_attribute *attr,
 			test_checksum(td, a);
 		else
 			test_copy(td, a);
+	} else if (!strcmp(cmd, "bad")) {
+		test_bad(td);
 	} else if (!strcmp(cmd, "read") && n >= 2) {
 		if (a > BAR0_SIZE - 4 || a % 4)
 			snprintf(td->result, RESULT_LEN, "FAIL: bad offset 0x%x", a);

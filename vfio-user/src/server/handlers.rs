@@ -220,11 +220,9 @@ pub(super) fn version<D: ServerDevice>(
         ..ServerCaps::default()
     };
     let reply = caps::format_reply(&peer, payload.len(), &ours);
-    c.layout = opts.dma_layout.unwrap_or(if peer.looks_like_qemu {
-        DmaLayout::Qemu
-    } else {
-        DmaLayout::Spec
-    });
+    // QEMU 11.1.3 (seen on the wire) uses the spec layout, whatever its protocol.h says;
+    // the QEMU layout stays available as an explicit option for older clients.
+    c.layout = opts.dma_layout.unwrap_or(DmaLayout::Spec);
     let chunk = peer
         .max_data_xfer_size
         .min(wire::MAX_DATA_XFER_SIZE as u64)

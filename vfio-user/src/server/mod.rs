@@ -16,12 +16,15 @@
 //! plus mio `Waker`); the loop sends it and routes the reply back; the worker waits with a
 //! timeout. The loop itself never waits for a DMA reply.
 //!
-//! **QEMU layout deviation.** QEMU 11.1 (`hw/vfio-user/pci.c`, `VFIOUserDMARW`) uses a u32
-//! count with data at payload offset 12 (message byte 28), a 32-byte minimum message, a
-//! header-only DMA_WRITE reply and a DMA_READ reply of `32 + count` bytes with data at
-//! byte 28. The spec uses a u64 count with data at payload offset 16 and a DMA_WRITE reply
-//! echoing address and count. [`DmaLayout`] picks what we send (automatic: QEMU layout when
-//! the client's VERSION JSON has QEMU's fingerprint); replies are parsed tolerantly in both.
+//! **DMA message layout.** Upstream QEMU's `hw/vfio-user/protocol.h` declares
+//! `VFIOUserDMARW` with a u32 count (data at payload offset 12), which reads as a deviation
+//! from the spec's u64 count (data at offset 16). On the wire, QEMU 11.1.3 as packaged by
+//! Debian uses the **spec** layout: a traced DMA_WRITE of ours in the u32 layout was refused
+//! with E2BIG because QEMU read the first data byte as the top half of the count, while the
+//! spec layout works and QEMU answers DMA_WRITE with a 32-byte echo of address and count.
+//! So [`DmaLayout::Spec`] is the default for every client; [`DmaLayout::Qemu`] stays as an
+//! explicit option for clients built from the u32 header. Replies are parsed tolerantly in
+//! both layouts.
 
 mod dma_msg;
 mod handlers;
@@ -73,7 +76,7 @@ pub enum DmaLayout {
 pub struct ServerOptions {
     /// DMA maps a client may hold (advertised as `max_dma_maps`).
     pub max_dma_maps: u32,
-    /// `None`: QEMU layout for clients that look like QEMU, spec layout otherwise.
+    /// `None`: the spec layout (what QEMU 11.1.3 sends and expects on the wire).
     pub dma_layout: Option<DmaLayout>,
     /// Advertise `write_multiple` (REGION_WRITE_MULTI is always accepted). Off by default:
     /// in QEMU it also forces every send through its queue (doc §2.4).

@@ -723,6 +723,9 @@ impl ClientMemory for Mem {
 fn message_dma(layout: DmaLayout, qemu_client: bool) {
     let f = Fixture::new(ServerOptions {
         msg_timeout: Duration::from_millis(500),
+        // The spec layout is the default for every client (QEMU 11.1.3 included); the
+        // u32-count layout only when asked for.
+        dma_layout: (layout == DmaLayout::Qemu).then_some(DmaLayout::Qemu),
         ..ServerOptions::default()
     });
     let mut c = f.client();

@@ -144,6 +144,10 @@ pub struct Queue {
     features: u64,
     ring: Ring,
     error: Option<QueueError>,
+    /// The current memory does not cover the ring (a remap is in progress, e.g. QEMU unmaps
+    /// all RAM and maps it back in pieces). The queue idles, without touching the ring,
+    /// until a memory snapshot that covers it arrives. Not an error of the driver's.
+    waiting_for_memory: Option<QueueError>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -180,6 +184,7 @@ impl Queue {
             features,
             ring,
             error: None,
+            waiting_for_memory: None,
         })
     }
 
@@ -222,8 +227,14 @@ impl Queue {
         Err(e)
     }
 
+    /// True while the current memory does not cover the ring (see [`Queue::set_memory`]).
+    pub fn waiting_for_memory(&self) -> Option<&QueueError> {
+        self.waiting_for_memory.as_ref()
+    }
+
     /// Switch to a new memory snapshot (between bursts), flushing staged completions into
-    /// the old one first and re-translating the rings. Failure is sticky.
+    /// the old one first and re-translating the rings. If the new memory does not cover the
+    /// ring, the queue waits (idles) until a later snapshot does; other failures are sticky.
     pub fn set_memory(&mut self, mem: Arc<GuestMemory>) -> Result<bool, QueueError> {
         let notify = self.flush_used();
         let state = self.state();
@@ -243,6 +254,13 @@ impl Queue {
             Ok(r) => {
                 self.ring = r;
                 self.mem = mem;
+                self.waiting_for_memory = None;
+                Ok(notify)
+            }
+            Err(e @ QueueError::RingNotMapped { .. }) => {
+                // Keep the old ring only for its position; it is not touched while waiting.
+                self.mem = mem;
+                self.waiting_for_memory = Some(e);
                 Ok(notify)
             }
             Err(e) => {
@@ -265,6 +283,9 @@ impl Queue {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        if self.waiting_for_memory.is_some() {
+            return Ok(false);
+        }
         let r = match &mut self.ring {
             Ring::Split(r) => r.pop(&self.mem, chain),
             Ring::Packed(r) => r.pop(&self.mem, chain),
@@ -280,6 +301,9 @@ impl Queue {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        if self.waiting_for_memory.is_some() {
+            return Ok(false);
+        }
         let r = match &mut self.ring {
             Ring::Split(r) => r.has_available(&self.mem),
             Ring::Packed(r) => r.has_available(&self.mem),
@@ -294,7 +318,7 @@ impl Queue {
     /// writable part. Invisible to the driver until [`Queue::flush_used`].
     #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.waiting_for_memory.is_some() {
             return;
         }
         let r = match &mut self.ring {
@@ -318,7 +342,7 @@ impl Queue {
     /// driver asked to be interrupted for them. Errors are recorded (see [`Queue::error`]).
     #[inline]
     pub fn flush_used(&mut self) -> bool {
-        if self.error.is_some() {
+        if self.error.is_some() || self.waiting_for_memory.is_some() {
             return false;
         }
         let r = match &mut self.ring {
@@ -336,7 +360,7 @@ impl Queue {
 
     /// Ask the driver not to notify (kick) us: we are polling.
     pub fn disable_notifications(&mut self) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.waiting_for_memory.is_some() {
             return;
         }
         let r = match &mut self.ring {
@@ -352,7 +376,7 @@ impl Queue {
     /// true if buffers are available (the caller must not sleep), so no kick is lost. A broken
     /// queue returns false (nothing more to do on it).
     pub fn enable_notifications(&mut self) -> bool {
-        if self.error.is_some() {
+        if self.error.is_some() || self.waiting_for_memory.is_some() {
             return false;
         }
         let r = match &mut self.ring {

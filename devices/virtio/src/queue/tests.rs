@@ -899,7 +899,7 @@ fn bench_split_vs_virtio_queue() {
     const SIZE: u16 = 256;
     const BURST: u16 = 64;
     const ROUNDS: u32 = 1_000;
-    const TRIALS: u32 = 30;
+    const TRIALS: u32 = 30; // bench
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let host = gm.get_host_address(GuestAddress(0)).unwrap();
     // SAFETY: test: alias the mapping owned by `gm`, which outlives `mem`.
