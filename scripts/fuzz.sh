@@ -10,6 +10,7 @@
 # read only; new inputs go to fuzz/target/corpus/<target>/ (git-ignored), which later runs
 # reuse. Regenerate the seeds with: cargo test -p emudev-tests --test fuzz_seeds -- --ignored
 set -euo pipefail
+shopt -s nullglob
 
 secs="${1:-60}"
 root="$(cd "$(dirname "$0")/.." && pwd)"

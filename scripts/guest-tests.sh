@@ -23,7 +23,7 @@ if ! bash "$SHARED_HARNESS/setup.sh" >"$HARNESS_DIR/setup-ci.log" 2>&1; then
 fi
 
 step "build release binaries"
-cargo build --release --locked -p emudev-examples --bins || fail "release build failed"
+cargo build --release --locked -p emudev-examples -p emudevd --bins || fail "release build failed"
 export BIN=$ROOT/target/release
 # For case-testdev: the static guest-mmio tool and the guest kernel module. A failure here
 # only warns; the cases that need these files report them missing.

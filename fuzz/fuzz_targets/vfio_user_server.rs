@@ -7,7 +7,7 @@
 //!
 //! Input layout: byte 0 is a control byte, the rest is the message stream.
 //! - bit 0: prepend a valid VERSION (so random inputs get past negotiation);
-//! - bit 1: attach fds (a 1 MiB memfd on DMA_MAP, `count` eventfds on SET_IRQS, one memfd
+//! - bit 1: attach fds (a 1 GiB sparse memfd on DMA_MAP, `count` eventfds on SET_IRQS, one memfd
 //!   on any other command when bit 2 is also set);
 //! - bits 3-7: chunking seed (0 = whole messages; otherwise a per-message split pattern).
 
@@ -44,13 +44,21 @@ fn live() -> &'static Live {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("server.sock");
         let (dev, _h) = TestDevice::new();
-        let server = Server::bind(&path, dev, ServerOptions { max_dma_maps: 64, ..Default::default() })
-            .expect("bind fuzz server");
+        let server = Server::bind(
+            &path,
+            dev,
+            ServerOptions {
+                max_dma_maps: 64,
+                ..Default::default()
+            },
+        )
+        .expect("bind fuzz server");
         let (handle, _join) = server.spawn();
         Live {
             path,
             _handle: handle,
-            ram: raw::memfd(1 << 20),
+            // Sparse; large enough for the 1 GiB guest-RAM maps of the QEMU captures.
+            ram: raw::memfd(1 << 30),
             eventfds: (0..16).map(|_| raw::eventfd()).collect(),
         }
     })
@@ -77,12 +85,20 @@ fn fds_for<'a>(live: &'a Live, m: &[u8], ctl: u8) -> Vec<BorrowedFd<'a>> {
     if ctl & 2 == 0 {
         return Vec::new();
     }
-    let Ok((h, body)) = Header::read_from_prefix(m) else { return Vec::new() };
+    let Ok((h, body)) = Header::read_from_prefix(m) else {
+        return Vec::new();
+    };
     match h.command {
         cmd::DMA_MAP => vec![live.ram.as_fd()],
         cmd::DEVICE_SET_IRQS => {
-            let n = IrqSet::read_from_prefix(body).map(|(s, _)| s.count as usize).unwrap_or(1);
-            live.eventfds.iter().take(n.min(live.eventfds.len())).map(|f| f.as_fd()).collect()
+            let n = IrqSet::read_from_prefix(body)
+                .map(|(s, _)| s.count as usize)
+                .unwrap_or(1);
+            live.eventfds
+                .iter()
+                .take(n.min(live.eventfds.len()))
+                .map(|f| f.as_fd())
+                .collect()
         }
         _ if ctl & 4 != 0 => vec![live.ram.as_fd()],
         _ => Vec::new(),
@@ -113,7 +129,13 @@ fn wait_io(sock: &UnixStream, write: bool) {
 }
 
 /// Send `bytes` (fds on the first byte), draining replies whenever the socket is full.
-fn send_chunk(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>], buf: &mut [u8], start: Instant) -> bool {
+fn send_chunk(
+    sock: &UnixStream,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    buf: &mut [u8],
+    start: Instant,
+) -> bool {
     let mut off = 0;
     let mut first = true;
     while off < bytes.len() {
@@ -140,7 +162,9 @@ fn send_chunk(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>], buf: &mut
 }
 
 fn run(data: &[u8]) {
-    let Some((&ctl, stream)) = data.split_first() else { return };
+    let Some((&ctl, stream)) = data.split_first() else {
+        return;
+    };
     let live = live();
     let start = Instant::now();
     // The previous connection may still be closing on the server side.

@@ -39,4 +39,4 @@ GUEST
     fi
     echo "mode $mode: OK"
 }
-run_mode shared && run_mode noshared
+for m in ${MODES:-shared noshared}; do run_mode "$m" || exit 1; done

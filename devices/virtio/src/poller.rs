@@ -25,7 +25,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::engine::{
     Completer, Completion, Engine, EngineError, Kick, Notifier, QueueErrorCallback,
 };
-use crate::queue::{Queue, QueueConfig, QueueState};
+use crate::queue::{Queue, QueueConfig, QueueError, QueueState};
 
 /// The device-specific work on one queue (virtio-blk, virtio-net, ...).
 pub trait QueueHandler: Send {
@@ -154,6 +154,12 @@ impl Countdown {
 }
 
 type QueueKey = (u64, u16);
+
+/// Add to a counter only this thread writes (cheaper than a locked read-modify-write).
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
 
 enum Ctl {
     AddQueue(Box<Slot>, Completer<()>),
@@ -389,11 +395,13 @@ impl Engine for PollerEngine {
             return Completion::ready(Err(EngineError::QueueAlreadyStarted(qidx)));
         }
         let base = self.bases.remove(&qidx).unwrap_or_default();
-        let mut queue = match Queue::with_state(cfg, self.features, self.mem.clone(), base) {
+        let queue = match Queue::with_state(cfg, self.features, self.mem.clone(), base) {
             Ok(q) => q,
             Err(err) => return Completion::ready(Err(EngineError::Queue { qidx, err })),
         };
-        queue.disable_notifications();
+        // No ring access here: this is the control thread, and for message-backed memory a
+        // ring access would be a DMA message the control thread itself must route. The
+        // poller thread disables notifications when it adopts the queue.
         let handler = (self.factory)(qidx, &queue);
         let stats = Arc::new(QueueStats::default());
         let n = self.pool.thread_count().max(1);
@@ -408,6 +416,7 @@ impl Engine for PollerEngine {
             stats: stats.clone(),
             on_error: self.on_error.clone(),
             stopping: None,
+            failed: None,
             irq_pending: false,
             irq_count: 0,
             irq_since: None,
@@ -488,6 +497,8 @@ struct Slot {
     stats: Arc<QueueStats>,
     on_error: QueueErrorCallback,
     stopping: Option<Completer<QueueState>>,
+    /// Set when the handler panicked.
+    failed: Option<QueueError>,
     irq_pending: bool,
     irq_count: u32,
     irq_since: Option<Instant>,
@@ -497,7 +508,7 @@ impl Slot {
     fn fire(&mut self) {
         if self.irq_pending {
             self.notifier.notify();
-            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.interrupts, 1);
             self.irq_pending = false;
             self.irq_count = 0;
             self.irq_since = None;
@@ -541,7 +552,7 @@ impl Worker {
                 return;
             }
             let work = self.iteration();
-            self.stats.iterations.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.iterations, 1);
             let now = Instant::now();
             if work > 0 {
                 last_work = now;
@@ -559,27 +570,41 @@ impl Worker {
     fn iteration(&mut self) -> usize {
         let budget = self.cfg.budget;
         let policy = self.cfg.irq;
+        let any_quiescing = self.devs.values().any(DevCtl::quiescing);
         let now = Instant::now();
         let mut work = 0;
         let mut broken = false;
         for slot in &mut self.slots {
-            let quiesce =
-                slot.stopping.is_some() || self.devs.get(&slot.dev).is_some_and(DevCtl::quiescing);
-            let n = if quiesce {
-                slot.handler.poll_completions(&mut slot.queue)
-            } else {
-                slot.handler.process(&mut slot.queue, budget)
+            let quiesce = slot.stopping.is_some()
+                || (any_quiescing && self.devs.get(&slot.dev).is_some_and(DevCtl::quiescing));
+            // A panicking handler takes down its queue only, like a broken ring.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if quiesce {
+                    slot.handler.poll_completions(&mut slot.queue)
+                } else {
+                    slot.handler.process(&mut slot.queue, budget)
+                }
+            }));
+            let n = match ran {
+                Ok(n) => n,
+                Err(_) => {
+                    slot.failed = Some(QueueError::HandlerFailed);
+                    broken = true;
+                    0
+                }
             };
-            slot.stats.polls.fetch_add(1, Ordering::Relaxed);
+            bump(&slot.stats.polls, 1);
             if n > 0 {
                 work += n;
-                slot.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+                bump(&slot.stats.requests, n as u64);
             }
             if slot.queue.staged() > 0 && slot.queue.flush_used() {
                 slot.irq_pending = true;
                 slot.irq_since.get_or_insert(now);
             }
-            slot.irq_count = slot.irq_count.saturating_add(n as u32);
+            if slot.irq_pending {
+                slot.irq_count = slot.irq_count.saturating_add(n as u32);
+            }
             if slot.queue.error().is_some() {
                 broken = true;
             }
@@ -630,7 +655,8 @@ impl Worker {
     fn reap_broken(&mut self) {
         let mut i = 0;
         while i < self.slots.len() {
-            let Some(err) = self.slots[i].queue.error().cloned() else {
+            let s = &self.slots[i];
+            let Some(err) = s.failed.clone().or_else(|| s.queue.error().cloned()) else {
                 i += 1;
                 continue;
             };
@@ -1207,6 +1233,59 @@ mod tests {
             Some(0)
         );
         other.destroy().wait_timeout(T).unwrap();
+    }
+
+    struct Panics;
+    impl QueueHandler for Panics {
+        fn process(&mut self, q: &mut Queue, _budget: usize) -> usize {
+            if q.has_available().unwrap_or(false) {
+                panic!("handler bug");
+            }
+            0
+        }
+    }
+
+    #[test]
+    fn panicking_handler_stops_only_its_queue() {
+        let mem = anon_memory(BASE, MEM);
+        let mut s = setup(
+            mem.clone(),
+            Box::new(|qidx, _| -> Box<dyn QueueHandler> {
+                if qidx == 1 {
+                    Box::new(Panics)
+                } else {
+                    Box::new(Echo {
+                        chain: DescChain::new(),
+                        buf: Vec::new(),
+                    })
+                }
+            }),
+        );
+        let errors: Arc<Mutex<Vec<(u16, QueueError)>>> = Arc::default();
+        let e2 = errors.clone();
+        s.eng.set_error_callback(Arc::new(move |q, e| {
+            e2.lock().unwrap().push((q, e.clone()))
+        }));
+        let mut good = SplitDriver::new(mem.clone(), BASE, 64);
+        let mut bad = SplitDriver::new(mem.clone(), BASE + 0x10_0000, 8);
+        let (kg, kb) = (Kick::new().unwrap(), Kick::new().unwrap());
+        let (_i, n) = counter();
+        s.eng
+            .queue_start(0, good.config(), n.clone(), kg.clone())
+            .wait_timeout(T)
+            .unwrap();
+        s.eng
+            .queue_start(1, bad.config(), n, kb.clone())
+            .wait_timeout(T)
+            .unwrap();
+        bad.add_chain(&[Buf::w(DATA, 4)]);
+        kb.signal();
+        assert!(wait_until(|| !errors.lock().unwrap().is_empty()));
+        assert_eq!(errors.lock().unwrap()[0], (1, QueueError::HandlerFailed));
+        for i in 0..5 {
+            submit(&mut good, &kg, i);
+        }
+        collect(&mut good, 5);
     }
 
     /// Holds each request in flight until `release` is set.

@@ -34,8 +34,10 @@ pub struct DescChain {
     ring_descs: u16,
     count: usize,
     readable: usize,
-    readable_bytes: u64,
-    writable_bytes: u64,
+    /// Total bytes; bounded by `u32::MAX`.
+    total: u64,
+    /// Set once a writable segment was pushed.
+    seen_writable: bool,
     inline: [Segment; INLINE_SEGMENTS],
     spill: Vec<Segment>,
 }
@@ -54,8 +56,8 @@ impl DescChain {
             ring_descs: 0,
             count: 0,
             readable: 0,
-            readable_bytes: 0,
-            writable_bytes: 0,
+            total: 0,
+            seen_writable: false,
             inline: [Segment::default(); INLINE_SEGMENTS],
             spill: Vec::new(),
         }
@@ -92,12 +94,12 @@ impl DescChain {
 
     /// Total bytes of the readable part.
     pub fn readable_len(&self) -> u64 {
-        self.readable_bytes
+        self.readable().iter().map(|s| u64::from(s.len)).sum()
     }
 
     /// Total bytes of the writable part.
     pub fn writable_len(&self) -> u64 {
-        self.writable_bytes
+        self.total - self.readable_len()
     }
 
     /// A cursor over the readable part.
@@ -110,13 +112,14 @@ impl DescChain {
         Writer(Cursor::new(mem, self.writable(), Access::Write))
     }
 
-    pub(crate) fn reset(&mut self, head: u16) {
+    #[inline(always)]
+    pub(crate) fn reset(&mut self, head: u16, ring_descs: u16) {
         self.head = head;
-        self.ring_descs = 0;
+        self.ring_descs = ring_descs;
         self.count = 0;
         self.readable = 0;
-        self.readable_bytes = 0;
-        self.writable_bytes = 0;
+        self.total = 0;
+        self.seen_writable = false;
         self.spill.clear();
     }
 
@@ -134,17 +137,16 @@ impl DescChain {
         if len == 0 {
             return Ok(());
         }
-        let total = self.readable_bytes + self.writable_bytes + u64::from(len);
-        if total > u64::from(u32::MAX) {
+        self.total += u64::from(len);
+        if self.total > u64::from(u32::MAX) {
             return Err(QueueError::ChainTooLong);
         }
         if writable {
-            self.writable_bytes += u64::from(len);
+            self.seen_writable = true;
         } else {
-            if self.writable_bytes != 0 {
+            if self.seen_writable {
                 return Err(QueueError::WritableBeforeReadable);
             }
-            self.readable_bytes += u64::from(len);
             self.readable += 1;
         }
         let seg = Segment {

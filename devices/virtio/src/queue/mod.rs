@@ -123,6 +123,8 @@ pub enum QueueError {
     WritableBeforeReadable,
     #[error("packed buffer id {0} out of range")]
     BadBufferId(u16),
+    #[error("the device's queue handler failed (panicked)")]
+    HandlerFailed,
 }
 
 /// `vring_need_event`: should the other side be signalled when its index moves from `old` to
@@ -222,6 +224,7 @@ impl Queue {
         }
     }
 
+    #[cold]
     fn fail<T>(&mut self, e: QueueError) -> Result<T, QueueError> {
         self.error = Some(e.clone());
         Err(e)
@@ -278,8 +281,22 @@ impl Queue {
 
     /// Like [`Queue::pop`] but reuses `chain` (no allocation even for long chains once the
     /// spill buffer has grown). Returns false if the ring is empty.
-    #[inline]
+    #[inline(always)]
     pub fn pop_into(&mut self, chain: &mut DescChain) -> Result<bool, QueueError> {
+        if let Ring::Split(r) = &mut self.ring {
+            if self.error.is_none() && self.waiting_for_memory.is_none() {
+                // Hot path, kept small enough to inline into handler loops.
+                return match r.pop(&self.mem, chain) {
+                    Ok(v) => Ok(v),
+                    Err(e) => self.fail(e),
+                };
+            }
+        }
+        self.pop_slow(chain)
+    }
+
+    #[inline(never)]
+    fn pop_slow(&mut self, chain: &mut DescChain) -> Result<bool, QueueError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
@@ -316,8 +333,21 @@ impl Queue {
 
     /// Stage a completion: `head` from [`DescChain::head`], `len` bytes written to the
     /// writable part. Invisible to the driver until [`Queue::flush_used`].
-    #[inline]
+    #[inline(always)]
     pub fn add_used(&mut self, head: u16, len: u32) {
+        if let Ring::Split(r) = &mut self.ring {
+            if self.error.is_none()
+                && self.waiting_for_memory.is_none()
+                && r.add_used_fast(head, len)
+            {
+                return;
+            }
+        }
+        self.add_used_slow(head, len);
+    }
+
+    #[inline(never)]
+    fn add_used_slow(&mut self, head: u16, len: u32) {
         if self.error.is_some() || self.waiting_for_memory.is_some() {
             return;
         }

@@ -186,7 +186,7 @@ impl PackedRing {
         if !is_avail(hflags, self.avail_wrap) {
             return Ok(false);
         }
-        chain.reset(0);
+        chain.reset(0, 0);
         let (mut pos, mut wrap) = (head, self.avail_wrap);
         let mut count: u16 = 0;
         let id = loop {

@@ -95,6 +95,43 @@ impl RingArea {
         }
     }
 
+    /// A direct view of a descriptor table of `count` entries, when host-mapped and large
+    /// enough; the fast path for walking chains.
+    pub fn host_descs(&self, count: u16) -> Option<HostDescs> {
+        match self.at {
+            Where::Host(p) if self.len >= 16 * usize::from(count) => {
+                Some(HostDescs { ptr: p, count })
+            }
+            _ => None,
+        }
+    }
+
+    /// A direct view of a split used ring of `size` (power of two) entries, when host-mapped.
+    pub fn host_used(&self, size: u16) -> Option<HostUsed> {
+        match self.at {
+            Where::Host(p) if size.is_power_of_two() && self.len >= 4 + 8 * usize::from(size) => {
+                Some(HostUsed {
+                    ptr: p,
+                    mask: size - 1,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A direct view of the ring entries of a split avail ring of `size` (power of two).
+    pub fn host_avail(&self, size: u16) -> Option<HostAvail> {
+        match self.at {
+            Where::Host(p) if size.is_power_of_two() && self.len >= 4 + 2 * usize::from(size) => {
+                Some(HostAvail {
+                    ptr: p,
+                    mask: size - 1,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// True when the area is reached through a host pointer.
     pub fn is_host(&self) -> bool {
         matches!(self.at, Where::Host(_))
@@ -228,5 +265,87 @@ impl RingArea {
             w3: (hi >> 32) as u16,
             w4: (hi >> 48) as u16,
         })
+    }
+}
+
+/// Host view of a descriptor table: `count` 16-byte entries at a 16-aligned `ptr`, valid while
+/// the owning queue's `Arc<GuestMemory>` lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostDescs {
+    ptr: *mut u8,
+    count: u16,
+}
+
+// SAFETY: like `RingArea`: the pointer targets a shared mapping kept alive by the owning
+// queue's `Arc<GuestMemory>` and is only used for atomic loads.
+unsafe impl Send for HostDescs {}
+
+impl HostDescs {
+    /// Descriptor `idx`, or `None` when `idx` is outside the table (the index validation).
+    #[inline(always)]
+    pub fn get(&self, idx: u16) -> Option<RawDesc> {
+        if idx >= self.count {
+            return None;
+        }
+        let q = self.ptr.wrapping_add(16 * usize::from(idx));
+        // SAFETY: `idx < count` and the area holds `16 * count` bytes of a live mapping
+        // (checked in `host_descs`); `q` is 16-aligned; atomic loads because the guest may
+        // write concurrently.
+        let lo = unsafe { AtomicU64::from_ptr(q.cast::<u64>()) }.load(Ordering::Relaxed);
+        // SAFETY: as above, second half of the same descriptor.
+        let hi = unsafe { AtomicU64::from_ptr(q.add(8).cast::<u64>()) }.load(Ordering::Relaxed);
+        let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+        Some(RawDesc {
+            addr: lo,
+            len: hi as u32,
+            w3: (hi >> 32) as u16,
+            w4: (hi >> 48) as u16,
+        })
+    }
+}
+
+/// Host view of a split used ring: header plus `mask + 1` 8-byte elements at a 4-aligned
+/// `ptr`, valid while the owning queue's `Arc<GuestMemory>` lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostUsed {
+    ptr: *mut u8,
+    mask: u16,
+}
+
+// SAFETY: as for `HostDescs`; only atomic stores go through the pointer.
+unsafe impl Send for HostUsed {}
+
+impl HostUsed {
+    /// Write used element `idx & mask`.
+    #[inline(always)]
+    pub fn put(&self, idx: u16, id: u32, len: u32) {
+        let q = self.ptr.wrapping_add(4 + 8 * usize::from(idx & self.mask));
+        // SAFETY: the element index is masked below the ring size and the area holds
+        // `4 + 8 * size` bytes of a live mapping (checked in `host_used`); `q` is 4-aligned.
+        unsafe { AtomicU32::from_ptr(q.cast::<u32>()) }.store(id.to_le(), Ordering::Relaxed);
+        // SAFETY: as above, the second word of the same element.
+        unsafe { AtomicU32::from_ptr(q.add(4).cast::<u32>()) }
+            .store(len.to_le(), Ordering::Relaxed);
+    }
+}
+
+/// Host view of a split avail ring: header plus `mask + 1` u16 entries at a 2-aligned `ptr`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostAvail {
+    ptr: *mut u8,
+    mask: u16,
+}
+
+// SAFETY: as for `HostDescs`; only atomic loads go through the pointer.
+unsafe impl Send for HostAvail {}
+
+impl HostAvail {
+    /// Ring entry `idx & mask`.
+    #[inline(always)]
+    pub fn entry(&self, idx: u16) -> u16 {
+        let q = self.ptr.wrapping_add(4 + 2 * usize::from(idx & self.mask));
+        // SAFETY: the entry index is masked below the ring size and the area holds
+        // `4 + 2 * size` bytes of a live mapping (checked in `host_avail`); `q` is 2-aligned.
+        u16::from_le(unsafe { AtomicU16::from_ptr(q.cast::<u16>()) }.load(Ordering::Relaxed))
     }
 }

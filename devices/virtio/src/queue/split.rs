@@ -5,7 +5,7 @@ use std::sync::atomic::{fence, Ordering};
 use emudev::{Access, GuestMemory};
 
 use super::chain::DescChain;
-use super::ring::{RawDesc, RingArea};
+use super::ring::{HostAvail, HostDescs, HostUsed, RawDesc, RingArea};
 use super::{
     check_align, desc_flags, features, need_event, QueueConfig, QueueError, QueueState,
     MAX_INDIRECT_FLOOR, MAX_QUEUE_SIZE,
@@ -16,6 +16,10 @@ const USED_F_NO_NOTIFY: u16 = 1;
 
 pub(crate) struct SplitRing {
     desc: RingArea,
+    /// `desc` as a direct table when host-mapped (the fast path).
+    desc_host: Option<HostDescs>,
+    used_host: Option<HostUsed>,
+    avail_host: Option<HostAvail>,
     avail: RingArea,
     used: RingArea,
     size: u16,
@@ -95,6 +99,9 @@ impl SplitRing {
             4,
         )?;
         Ok(Self {
+            desc_host: desc.host_descs(size),
+            used_host: used.host_used(size),
+            avail_host: avail.host_avail(size),
             desc,
             avail,
             used,
@@ -177,24 +184,83 @@ impl SplitRing {
         Ok(self.refresh_avail(mem)? != 0)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn pop(&mut self, mem: &GuestMemory, chain: &mut DescChain) -> Result<bool, QueueError> {
         if self.avail_cache == self.next_avail && self.refresh_avail(mem)? == 0 {
             return Ok(false);
         }
-        let slot = usize::from(self.next_avail & self.mask);
-        let head = self.avail.load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)?;
-        if head >= self.size {
-            return Err(QueueError::DescIndexOutOfRange {
-                index: u32::from(head),
-                size: u32::from(self.size),
-            });
+        let head = match self.avail_host {
+            Some(a) => a.entry(self.next_avail),
+            None => {
+                let slot = usize::from(self.next_avail & self.mask);
+                self.avail.load_u16(mem, 4 + 2 * slot, Ordering::Relaxed)?
+            }
+        };
+        chain.reset(head, 1);
+        match self.desc_host {
+            Some(t) => self.walk_host(t, mem, chain, head)?,
+            None => {
+                if head >= self.size {
+                    return Err(QueueError::DescIndexOutOfRange {
+                        index: u32::from(head),
+                        size: u32::from(self.size),
+                    });
+                }
+                self.walk(mem, chain, head)?
+            }
         }
-        chain.reset(head);
-        self.walk(mem, chain, head)?;
-        chain.set_ring_descs(1);
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(true)
+    }
+
+    /// `walk` over a host-mapped table: the index check is the bounds check.
+    #[inline(always)]
+    fn walk_host(
+        &self,
+        t: HostDescs,
+        mem: &GuestMemory,
+        chain: &mut DescChain,
+        head: u16,
+    ) -> Result<(), QueueError> {
+        let mut idx = head;
+        let mut ttl = self.size;
+        loop {
+            let Some(d) = t.get(idx) else {
+                return Err(QueueError::DescIndexOutOfRange {
+                    index: u32::from(idx),
+                    size: u32::from(self.size),
+                });
+            };
+            if ttl == 0 {
+                return Err(QueueError::ChainLoop);
+            }
+            ttl -= 1;
+            let flags = d.w3;
+            if flags & desc_flags::INDIRECT != 0 {
+                return self.indirect(mem, chain, &d);
+            }
+            chain.push(d.addr, d.len, flags & desc_flags::WRITE != 0)?;
+            if flags & desc_flags::NEXT == 0 {
+                return Ok(());
+            }
+            idx = d.w4;
+        }
+    }
+
+    #[cold]
+    fn indirect(
+        &self,
+        mem: &GuestMemory,
+        chain: &mut DescChain,
+        d: &RawDesc,
+    ) -> Result<(), QueueError> {
+        if !self.indirect {
+            return Err(QueueError::IndirectNotNegotiated);
+        }
+        if d.w3 & desc_flags::NEXT != 0 {
+            return Err(QueueError::IndirectWithNext);
+        }
+        walk_indirect(mem, chain, d, self.size, false)
     }
 
     fn walk(&self, mem: &GuestMemory, chain: &mut DescChain, head: u16) -> Result<(), QueueError> {
@@ -230,16 +296,35 @@ impl SplitRing {
         }
     }
 
+    /// `add_used` for a host-mapped used ring with room; false means take the slow path.
+    #[inline(always)]
+    pub fn add_used_fast(&mut self, head: u16, len: u32) -> bool {
+        match self.used_host {
+            Some(u) if self.staged < self.size => {
+                u.put(
+                    self.next_used.wrapping_add(self.staged),
+                    u32::from(head),
+                    len,
+                );
+                self.staged += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     #[inline]
     pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
         if self.staged == self.size {
             // More completions than ring slots without a flush: publish what we have.
             self.notify_carry |= self.flush(mem)?;
         }
-        if self.used.is_host() {
-            let slot = usize::from(self.next_used.wrapping_add(self.staged) & self.mask);
-            self.used.store_u32(mem, 4 + 8 * slot, u32::from(head))?;
-            self.used.store_u32(mem, 8 + 8 * slot, len)?;
+        if let Some(u) = self.used_host {
+            u.put(
+                self.next_used.wrapping_add(self.staged),
+                u32::from(head),
+                len,
+            );
         } else {
             self.shadow.push((u32::from(head), len));
         }
