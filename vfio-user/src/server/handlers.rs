@@ -47,6 +47,11 @@ pub(super) fn dispatch_frame<D: ServerDevice>(
                 cmd::name(header.command),
                 header.msg_id
             );
+            if let crate::codec::FrameError::TooLarge(size) = error {
+                if u64::from(size) > super::MAX_SKIP {
+                    c.doomed = Some("message size beyond any skip limit; closing");
+                }
+            }
             if !header.no_reply() && !header.is_reply() {
                 let errno = match error {
                     crate::codec::FrameError::TooLarge(_) => Errno::E2BIG,

@@ -149,7 +149,14 @@ struct Conn {
     /// The server's queue of device DMA requests, so DMA_UNMAP can settle it before replying.
     dma_rx: Receiver<DmaRequest>,
     msg_timeout: Duration,
+    /// The stream can no longer be trusted (e.g. a header claiming an absurd size): close
+    /// the connection once the pending replies are flushed.
+    doomed: Option<&'static str>,
 }
+
+/// A message claiming more than this is taken as a desynchronized or hostile stream: it is
+/// answered, then the connection is closed instead of skipping gigabytes.
+const MAX_SKIP: u64 = 64 << 20;
 
 impl Conn {
     /// Move queued device DMA requests of this connection onto the wire. With `removed`,
@@ -369,6 +376,11 @@ impl<D: ServerDevice> Server<D> {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conn.is_some() {
+                        // The previous client may have just closed: take in what it left
+                        // (and its EOF) before deciding that this one is a second client.
+                        self.service();
+                    }
+                    if self.conn.is_some() {
                         log::warn!("vfio-user: refusing a second client while one is connected");
                         drop(stream);
                         continue;
@@ -399,6 +411,7 @@ impl<D: ServerDevice> Server<D> {
                         transport: None,
                         dma_rx: self.dma_rx.clone(),
                         msg_timeout: self.options.msg_timeout,
+                        doomed: None,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -494,6 +507,9 @@ impl<D: ServerDevice> Server<D> {
                     closed = Some("write error");
                 }
             }
+        }
+        if closed.is_none() && c.out.is_empty() {
+            closed = c.doomed;
         }
         if let Some(why) = closed {
             self.disconnect(why);
