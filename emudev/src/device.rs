@@ -96,6 +96,16 @@ pub trait DeviceModel: Send {
     /// Switch to a new guest memory snapshot. Called while quiesced.
     fn set_memory(&mut self, mem: Arc<GuestMemory>);
 
+    /// Switch to `mem` without quiescing and without waiting: the change removed no host
+    /// mapping (only added regions, or removed ranges reached by messages, which the client
+    /// validates itself), so users may keep the old snapshot until their next convenient
+    /// point. Called on the control thread, which must not block here: a datapath thread
+    /// may be waiting for a DMA message only that thread routes. Returns false if the
+    /// device cannot switch lazily; the transport then quiesces and calls `set_memory`.
+    fn set_memory_lazy(&mut self, _mem: &Arc<GuestMemory>) -> bool {
+        false
+    }
+
     /// Stop all DMA and wait until none is in flight; bounded in time.
     fn quiesce(&mut self) -> Result<(), DeviceError>;
     /// Undo [`DeviceModel::quiesce`].

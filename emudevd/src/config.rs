@@ -50,11 +50,23 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("device {index} ({kind}): id '{id}': use 1 to 32 letters, digits, '-', '_' or '.'")]
+    BadId {
+        index: usize,
+        kind: String,
+        id: String,
+    },
     #[error("devices {first} and {second} both use socket {path}")]
     SocketReused {
         first: usize,
         second: usize,
         path: String,
+    },
+    #[error("devices {first} and {second} are both named {name}")]
+    NameReused {
+        first: usize,
+        second: usize,
+        name: String,
     },
 }
 
@@ -100,7 +112,27 @@ pub struct DeviceSpec {
     /// Position on the command line, from 0; used in messages.
     pub index: usize,
     pub socket: PathBuf,
+    /// `id=` if given: the device's name in logs and on the control socket.
+    pub id: Option<String>,
     pub kind: DeviceKind,
+}
+
+impl DeviceSpec {
+    /// The device's name: its `id=`, or the type followed by its index ("virtio-blk0").
+    pub fn name(&self) -> String {
+        match &self.id {
+            Some(id) => id.clone(),
+            None => format!("{}{}", self.kind.type_name(), self.index),
+        }
+    }
+}
+
+/// Whether `id` is usable as a device name (it appears in logs, paths and metrics labels).
+pub fn valid_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Device types this daemon serves, for messages and `--print-capabilities`.
@@ -135,7 +167,13 @@ impl Opts {
             },
         }
     }
-    fn num<T: TryFrom<u64>>(&mut self, key: &str, default: T, min: u64, max: u64) -> Result<T, ConfigError> {
+    fn num<T: TryFrom<u64>>(
+        &mut self,
+        key: &str,
+        default: T,
+        min: u64,
+        max: u64,
+    ) -> Result<T, ConfigError> {
         let Some(v) = self.take(key) else {
             return Ok(default);
         };
@@ -177,7 +215,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = if let Some(h) = digits.strip_prefix("0x") {
         u64::from_str_radix(h, 16).map_err(|e| e.to_string())?
     } else {
-        digits.parse().map_err(|e: std::num::ParseIntError| e.to_string())?
+        digits
+            .parse()
+            .map_err(|e: std::num::ParseIntError| e.to_string())?
     };
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
 }
@@ -206,7 +246,11 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
             });
         }
     }
-    let mut o = Opts { index, kind: kind.clone(), map };
+    let mut o = Opts {
+        index,
+        kind: kind.clone(),
+        map,
+    };
     let socket = o.take("socket").ok_or(ConfigError::Missing {
         index,
         kind: kind.clone(),
@@ -215,10 +259,27 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
     if socket.is_empty() {
         return Err(o.bad("socket", "", "empty path"));
     }
+    let id = o.take("id");
+    if let Some(id) = &id {
+        if !valid_id(id) {
+            return Err(ConfigError::BadId {
+                index,
+                kind: kind.clone(),
+                id: id.clone(),
+            });
+        }
+    }
     let kind = match kind.as_str() {
         "virtio-blk" => {
             const KNOWN: &[&str] = &[
-                "socket", "path", "backend", "size", "readonly", "direct", "num-queues", "queue-size",
+                "socket",
+                "path",
+                "backend",
+                "size",
+                "readonly",
+                "direct",
+                "num-queues",
+                "queue-size",
                 "serial",
             ];
             let backend_name = o.take("backend").unwrap_or_else(|| "file".into());
@@ -244,9 +305,15 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
             let num_queues = o.num("num-queues", 1u16, 1, 64)?;
             let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
             if !queue_size.is_power_of_two() {
-                return Err(o.bad("queue-size", &queue_size.to_string(), "must be a power of two"));
+                return Err(o.bad(
+                    "queue-size",
+                    &queue_size.to_string(),
+                    "must be a power of two",
+                ));
             }
-            let serial = o.take("serial").unwrap_or_else(|| format!("emudev-blk{index}"));
+            let serial = o
+                .take("serial")
+                .unwrap_or_else(|| format!("emudev-blk{index}"));
             if serial.len() > 20 {
                 return Err(o.bad("serial", &serial, "at most 20 bytes"));
             }
@@ -260,7 +327,7 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
             })
         }
         "testdev" => {
-            o.finish(&["socket"])?;
+            o.finish(&["socket", "id"])?;
             DeviceKind::TestDev
         }
         _ => {
@@ -274,6 +341,7 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
     Ok(DeviceSpec {
         index,
         socket: PathBuf::from(socket),
+        id,
         kind,
     })
 }
@@ -293,6 +361,13 @@ pub fn parse_devices(args: &[String]) -> Result<Vec<DeviceSpec>, ConfigError> {
                 path: a.socket.display().to_string(),
             });
         }
+        if let Some(b) = specs[..i].iter().find(|b| b.name() == a.name()) {
+            return Err(ConfigError::NameReused {
+                first: b.index,
+                second: a.index,
+                name: a.name(),
+            });
+        }
     }
     Ok(specs)
 }
@@ -303,18 +378,32 @@ mod tests {
 
     #[test]
     fn parses_the_documented_disk_example() {
-        let d = parse_device(0, "virtio-blk,socket=/run/emudev/vda.sock,path=disk.img,num-queues=2").unwrap();
+        let d = parse_device(
+            0,
+            "virtio-blk,socket=/run/emudev/vda.sock,path=disk.img,num-queues=2",
+        )
+        .unwrap();
         assert_eq!(d.socket, PathBuf::from("/run/emudev/vda.sock"));
-        let DeviceKind::VirtioBlk(b) = d.kind else { panic!("not blk") };
+        let DeviceKind::VirtioBlk(b) = d.kind else {
+            panic!("not blk")
+        };
         assert_eq!(b.num_queues, 2);
-        assert_eq!(b.backend, BlkBackendSpec::File { path: "disk.img".into(), direct: false });
+        assert_eq!(
+            b.backend,
+            BlkBackendSpec::File {
+                path: "disk.img".into(),
+                direct: false
+            }
+        );
         assert!(!b.readonly);
     }
 
     #[test]
     fn null_backend_with_size_suffix() {
         let d = parse_device(1, "virtio-blk,socket=s,backend=null,size=2G,readonly=on").unwrap();
-        let DeviceKind::VirtioBlk(b) = d.kind else { panic!("not blk") };
+        let DeviceKind::VirtioBlk(b) = d.kind else {
+            panic!("not blk")
+        };
         assert_eq!(b.backend, BlkBackendSpec::Null { size: 2 << 30 });
         assert!(b.readonly);
     }
@@ -322,9 +411,16 @@ mod tests {
     #[test]
     fn errors_name_the_device_and_the_cause() {
         let e = parse_device(3, "virtio-blk,socket=s,path=x,bogus=1").unwrap_err();
-        assert!(e.to_string().starts_with("device 3 (virtio-blk): unknown option 'bogus'"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("device 3 (virtio-blk): unknown option 'bogus'"),
+            "{e}"
+        );
         let e = parse_device(0, "virtio-blk,path=x").unwrap_err();
-        assert_eq!(e.to_string(), "device 0 (virtio-blk): missing option 'socket'");
+        assert_eq!(
+            e.to_string(),
+            "device 0 (virtio-blk): missing option 'socket'"
+        );
         let e = parse_device(0, "virtio-blk,socket=s,path=x,queue-size=100").unwrap_err();
         assert!(e.to_string().contains("power of two"), "{e}");
         let e = parse_device(0, "virtio-blk,socket=s,path=x,num-queues=0").unwrap_err();
@@ -334,7 +430,25 @@ mod tests {
         let e = parse_device(0, "virtio-blk,socket=s,path").unwrap_err();
         assert!(matches!(e, ConfigError::NotKeyValue { .. }));
         let e = parse_devices(&["testdev,socket=a".into(), "testdev,socket=a".into()]).unwrap_err();
-        assert!(matches!(e, ConfigError::SocketReused { first: 0, second: 1, .. }));
+        assert!(matches!(
+            e,
+            ConfigError::SocketReused {
+                first: 0,
+                second: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn ids_name_devices() {
+        let d = parse_device(2, "testdev,socket=s,id=td-1").unwrap();
+        assert_eq!(d.name(), "td-1");
+        assert_eq!(parse_device(2, "testdev,socket=s").unwrap().name(), "testdev2");
+        let e = parse_device(0, "testdev,socket=s,id=a/b").unwrap_err();
+        assert!(matches!(e, ConfigError::BadId { .. }), "{e}");
+        let e = parse_devices(&["testdev,socket=a,id=x".into(), "testdev,socket=b,id=x".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::NameReused { first: 0, second: 1, .. }), "{e}");
     }
 
     #[test]

@@ -1,13 +1,21 @@
-//! Building devices from their specifications and serving them.
+//! The served devices: built from their specifications, each served on its own vfio-user
+//! socket by its own thread, added and removed at runtime, and read for statistics.
+//!
+//! We keep our own registry rather than `emudev::DeviceManager` because the manager erases
+//! the device type, and statistics need the typed device (`VirtioPciDevice::stats`,
+//! `VirtioBlkDevice::queue_stats`) and the block backend (flushed on removal).
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use std::sync::Arc;
-
-use emudev::testdev::TestDevice;
-use emudev::VfioUserAdapter;
+use emudev::device::DeviceError as ModelError;
+use emudev::lifecycle::{guarded, StateCell};
+use emudev::testdev::{regs, TestDevice};
+use emudev::{DeviceModel, DeviceState, VfioUserAdapter};
 use emudev_blk::backend::null::NullBackend;
 use emudev_blk::backend::raw::{RawFile, RawFileOptions};
 use emudev_blk::backend::BlockBackend;
@@ -17,94 +25,521 @@ use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
 use emudev_virtio::pci::VirtioPciDevice;
 use emudev_virtio::poller::PollerPool;
 
-use crate::config::{BlkBackendSpec, BlkSpec, DeviceKind, DeviceSpec};
+use crate::config::{self, BlkBackendSpec, BlkSpec, ConfigError, DeviceKind, DeviceSpec};
+use crate::sockets::{self, SocketError};
 
-/// A device checked and ready to build.
-pub struct Prepared {
-    spec: DeviceSpec,
+/// Why a device could not be added, removed or changed. Every message names the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("device {0}: a device with this name exists")]
+    Exists(String),
+    #[error("device {name}: socket {path} is used by device {other}")]
+    SocketInUse {
+        name: String,
+        path: String,
+        other: String,
+    },
+    #[error("device {name}: socket=fd:N is only for the command line (--fd)")]
+    FdAtRuntime { name: String },
+    #[error("no device named {0}")]
+    NotFound(String),
+    #[error("device {name} ({kind}): {reason}")]
+    Build {
+        name: String,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error("device {name}: {source}")]
+    Socket { name: String, source: SocketError },
+    #[error("device {name} ({kind}) has no link")]
+    NoLink { name: String, kind: &'static str },
+    #[error("device {name}: {reason}")]
+    Attr { name: String, reason: String },
 }
 
 /// Check a device's configuration and backing resources before anything is created.
-pub fn prepare(spec: &DeviceSpec) -> Result<Prepared, String> {
-    match &spec.kind {
-        DeviceKind::TestDev => {}
-        DeviceKind::VirtioBlk(b) => {
-            if let crate::config::BlkBackendSpec::File { path, .. } = &b.backend {
-                let md = std::fs::metadata(path).map_err(|e| {
-                    format!("device {} (virtio-blk): path {}: {e}", spec.index, path.display())
-                })?;
-                if !md.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
-                    return Err(format!(
-                        "device {} (virtio-blk): path {}: not a regular file or block device",
-                        spec.index,
-                        path.display()
-                    ));
-                }
-            }
+pub fn prepare(spec: &DeviceSpec) -> Result<(), DeviceError> {
+    if let DeviceKind::VirtioBlk(BlkSpec {
+        backend: BlkBackendSpec::File { path, .. },
+        ..
+    }) = &spec.kind
+    {
+        let build = |reason: String| DeviceError::Build {
+            name: spec.name(),
+            kind: spec.kind.type_name(),
+            reason,
+        };
+        let md = std::fs::metadata(path).map_err(|e| build(format!("path {}: {e}", path.display())))?;
+        if !md.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
+            return Err(build(format!(
+                "path {}: not a regular file or block device",
+                path.display()
+            )));
         }
     }
-    Ok(Prepared { spec: spec.clone() })
+    Ok(())
+}
+
+/// The typed handle statistics are read from.
+#[derive(Clone)]
+enum Typed {
+    Blk(Arc<Mutex<VirtioPciDevice<VirtioBlkDevice>>>),
+    TestDev,
 }
 
 struct Served {
-    name: String,
-    path: Option<PathBuf>,
+    spec: DeviceSpec,
+    /// The socket file we created (None for an inherited `--fd`); removed with the device.
+    socket_file: Option<PathBuf>,
+    state: StateCell,
+    model: Arc<Mutex<dyn DeviceModel>>,
+    typed: Typed,
+    backend: Option<Arc<dyn BlockBackend>>,
     handle: ServerHandle,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// Every served device.
-pub struct Running {
-    served: Vec<Served>,
-}
-
-impl Running {
-    /// Stop every server (clients disconnected, devices quiesced), join, remove sockets.
-    pub fn shutdown(self) {
-        for s in &self.served {
-            s.handle.shutdown();
-        }
-        for s in self.served {
-            if s.thread.join().is_err() {
-                log::error!("{}: server thread panicked", s.name);
+impl Served {
+    /// Stop the server (client disconnected, device stopped), join it, flush the backend and
+    /// remove the socket file.
+    fn stop(mut self) {
+        let name = self.spec.name();
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("{name}: server thread panicked");
             }
-            if let Some(p) = s.path {
+        }
+        if let Some(b) = &self.backend {
+            if let Err(e) = b.flush() {
+                log::error!("{name}: flushing the block backend failed: {e}");
+            }
+        }
+        if let Some(p) = &self.socket_file {
+            if let Err(e) = std::fs::remove_file(p) {
+                log::warn!("{name}: cannot remove socket {}: {e}", p.display());
+            }
+        }
+        log::info!("{name}: removed");
+    }
+}
+
+/// What `query-devices` reports about one device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub kind: &'static str,
+    /// The socket path, or `fd:N` for an inherited socket.
+    pub socket: String,
+    pub state: DeviceState,
+    /// The serving thread is alive.
+    pub serving: bool,
+}
+
+/// Counters of one virtqueue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStat {
+    pub index: u16,
+    pub requests: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+    pub kicks: u64,
+    pub interrupts: u64,
+}
+
+/// Counters of one device: per queue, plus device-wide named counters.
+#[derive(Debug, Clone)]
+pub struct DeviceStat {
+    pub name: String,
+    pub kind: &'static str,
+    pub state: DeviceState,
+    pub queues: Vec<QueueStat>,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// Counters of one poller thread (shared by every virtio device).
+#[derive(Debug, Clone, Default)]
+pub struct PollerStat {
+    pub thread: usize,
+    pub iterations: u64,
+    pub sleeps: u64,
+    pub poll_ns: u64,
+    pub sleep_ns: u64,
+    pub cpu_ns: Option<u64>,
+}
+
+/// Every served device, by name.
+pub struct Registry {
+    pool: Arc<PollerPool>,
+    group: Option<u32>,
+    devices: Mutex<BTreeMap<String, Served>>,
+    /// Index of the next runtime-added device (after the command line's).
+    next_index: AtomicUsize,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// A registry whose virtio devices share `pollers` poller threads; sockets it creates are
+    /// 0600, or 0660 with `group`. `first_index` numbers runtime-added devices.
+    pub fn new(pollers: usize, group: Option<u32>, first_index: usize) -> Result<Self, String> {
+        let pool =
+            PollerPool::new(pollers).map_err(|e| format!("cannot start poller threads: {e}"))?;
+        Ok(Self {
+            pool,
+            group,
+            devices: Mutex::new(BTreeMap::new()),
+            next_index: AtomicUsize::new(first_index),
+        })
+    }
+
+    /// Serve a checked device on a listening socket. `socket_file` is removed when the device
+    /// is, and also if this fails.
+    pub fn add_listening(
+        &self,
+        spec: DeviceSpec,
+        listener: UnixListener,
+        socket_file: Option<PathBuf>,
+    ) -> Result<(), DeviceError> {
+        let mut map = lock(&self.devices);
+        let r = self.insert(&mut map, spec, listener, socket_file.clone());
+        if r.is_err() {
+            if let Some(p) = socket_file {
                 let _ = std::fs::remove_file(p);
             }
         }
+        r
+    }
+
+    /// Parse, check, bind and serve a device at runtime (`device-add`). Returns its name.
+    pub fn add_spec(&self, arg: &str) -> Result<String, DeviceError> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let spec = config::parse_device(index, arg)?;
+        let name = spec.name();
+        if spec.socket.to_string_lossy().starts_with("fd:") {
+            return Err(DeviceError::FdAtRuntime { name });
+        }
+        // Held across bind and insert, so two concurrent adds cannot both take a name.
+        let mut map = lock(&self.devices);
+        if map.contains_key(&name) {
+            return Err(DeviceError::Exists(name));
+        }
+        if let Some(other) = map.values().find(|s| s.spec.socket == spec.socket) {
+            return Err(DeviceError::SocketInUse {
+                name,
+                path: spec.socket.display().to_string(),
+                other: other.spec.name(),
+            });
+        }
+        prepare(&spec)?;
+        let listener = sockets::bind(&spec.socket, self.group).map_err(|source| DeviceError::Socket {
+            name: name.clone(),
+            source,
+        })?;
+        let path = spec.socket.clone();
+        let r = self.insert(&mut map, spec, listener, Some(path.clone()));
+        if r.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        r.map(|()| name)
+    }
+
+    fn insert(
+        &self,
+        map: &mut BTreeMap<String, Served>,
+        spec: DeviceSpec,
+        listener: UnixListener,
+        socket_file: Option<PathBuf>,
+    ) -> Result<(), DeviceError> {
+        let name = spec.name();
+        if map.contains_key(&name) {
+            return Err(DeviceError::Exists(name));
+        }
+        let build = |reason: String| DeviceError::Build {
+            name: name.clone(),
+            kind: spec.kind.type_name(),
+            reason,
+        };
+        let spawn_err = |e: std::io::Error| build(e.to_string());
+        let (model, typed, backend, (handle, thread, state)) = match &spec.kind {
+            DeviceKind::TestDev => {
+                let dev = TestDevice::new(&name).map_err(|e| build(e.to_string()))?;
+                let adapter = VfioUserAdapter::new(dev);
+                let shared = adapter.device().clone();
+                let st = adapter.state_cell().clone();
+                let server = Server::from_listener(listener, adapter, ServerOptions::default())
+                    .map_err(|e| build(e.to_string()))?;
+                let model: Arc<Mutex<dyn DeviceModel>> = shared;
+                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
+                (model, Typed::TestDev, None, run)
+            }
+            DeviceKind::VirtioBlk(b) => {
+                let (dev, backend) = virtio_blk(&name, b, &self.pool).map_err(build)?;
+                let adapter = VfioUserAdapter::new(dev);
+                let shared = adapter.device().clone();
+                let st = adapter.state_cell().clone();
+                let server = Server::from_listener(listener, adapter, ServerOptions::default())
+                    .map_err(|e| build(e.to_string()))?;
+                let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
+                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
+                (model, Typed::Blk(shared), Some(backend), run)
+            }
+        };
+        match &socket_file {
+            Some(p) => log::info!("{name}: serving on {}", p.display()),
+            None => log::info!("{name}: serving on {}", spec.socket.display()),
+        }
+        map.insert(
+            name,
+            Served {
+                spec,
+                socket_file,
+                state,
+                model,
+                typed,
+                backend,
+                handle,
+                thread: Some(thread),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop serving `name`, flush its backend and remove its socket.
+    pub fn remove(&self, name: &str) -> Result<(), DeviceError> {
+        let s = lock(&self.devices)
+            .remove(name)
+            .ok_or_else(|| DeviceError::NotFound(name.to_string()))?;
+        s.stop();
+        Ok(())
+    }
+
+    /// Stop every device: all servers are told to stop first, then each is joined.
+    pub fn shutdown(&self) {
+        let all = std::mem::take(&mut *lock(&self.devices));
+        for s in all.values() {
+            s.handle.shutdown();
+        }
+        for (_, s) in all {
+            s.stop();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.devices).len()
+    }
+
+    pub fn list(&self) -> Vec<DeviceInfo> {
+        lock(&self.devices)
+            .iter()
+            .map(|(name, s)| DeviceInfo {
+                name: name.clone(),
+                kind: s.spec.kind.type_name(),
+                socket: s.spec.socket.display().to_string(),
+                state: s.state.get(),
+                serving: s.thread.as_ref().is_some_and(|t| !t.is_finished()),
+            })
+            .collect()
+    }
+
+    /// Set a NIC's link up or down.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<(), DeviceError> {
+        let (model, kind) = {
+            let map = lock(&self.devices);
+            let s = map
+                .get(name)
+                .ok_or_else(|| DeviceError::NotFound(name.to_string()))?;
+            (s.model.clone(), s.spec.kind.type_name())
+        };
+        let r = guarded(|| lock(&model).set_attr("link", if up { "up" } else { "down" }));
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ModelError::UnknownAttribute { .. })) => Err(DeviceError::NoLink {
+                name: name.to_string(),
+                kind,
+            }),
+            Ok(Err(e)) => Err(DeviceError::Attr {
+                name: name.to_string(),
+                reason: e.to_string(),
+            }),
+            Err(panic) => Err(DeviceError::Attr {
+                name: name.to_string(),
+                reason: format!("device panicked: {panic}"),
+            }),
+        }
+    }
+
+    /// Counters of every device (or only `only`).
+    pub fn stats(&self, only: Option<&str>) -> Result<Vec<DeviceStat>, DeviceError> {
+        struct Pick {
+            name: String,
+            kind: &'static str,
+            state: DeviceState,
+            model: Arc<Mutex<dyn DeviceModel>>,
+            typed: Typed,
+        }
+        // Collected first, so device locks are not taken under the registry lock.
+        let picked: Vec<Pick> = {
+            let map = lock(&self.devices);
+            if let Some(n) = only {
+                if !map.contains_key(n) {
+                    return Err(DeviceError::NotFound(n.to_string()));
+                }
+            }
+            map.iter()
+                .filter(|(n, _)| only.is_none_or(|o| o == n.as_str()))
+                .map(|(n, s)| Pick {
+                    name: n.clone(),
+                    kind: s.spec.kind.type_name(),
+                    state: s.state.get(),
+                    model: s.model.clone(),
+                    typed: s.typed.clone(),
+                })
+                .collect()
+        };
+        Ok(picked
+            .into_iter()
+            .map(|p| {
+                let (queues, counters) = match &p.typed {
+                    Typed::Blk(d) => blk_stats(d),
+                    Typed::TestDev => (Vec::new(), testdev_stats(&p.model)),
+                };
+                DeviceStat {
+                    name: p.name,
+                    kind: p.kind,
+                    state: p.state,
+                    queues,
+                    counters,
+                }
+            })
+            .collect())
+    }
+
+    /// Counters of the poller threads.
+    pub fn poller_stats(&self) -> Vec<PollerStat> {
+        (0..self.pool.thread_count())
+            .filter_map(|i| {
+                let s = self.pool.thread_stats(i)?;
+                let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                Some(PollerStat {
+                    thread: i,
+                    iterations: ld(&s.iterations),
+                    sleeps: ld(&s.sleeps),
+                    poll_ns: ld(&s.poll_ns),
+                    sleep_ns: ld(&s.sleep_ns),
+                    cpu_ns: self
+                        .pool
+                        .thread_cpu_time(i)
+                        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+                })
+            })
+            .collect()
     }
 }
 
-fn serve<D: emudev::DeviceModel + 'static>(
-    name: String,
-    dev: D,
-    listener: UnixListener,
-    path: Option<PathBuf>,
-) -> Result<Served, String> {
-    let server = Server::from_listener(listener, VfioUserAdapter::new(dev), ServerOptions::default())
-        .map_err(|e| format!("{name}: {e}"))?;
-    let (handle, join) = server.spawn();
-    let n = name.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("wait-{name}"))
-        .spawn(move || match join.join() {
-            Ok(Ok(_)) => log::info!("{n}: server stopped"),
-            Ok(Err(e)) => log::error!("{n}: server failed: {e}"),
-            Err(_) => log::error!("{n}: server thread panicked"),
+fn blk_stats(
+    d: &Mutex<VirtioPciDevice<VirtioBlkDevice>>,
+) -> (Vec<QueueStat>, Vec<(&'static str, u64)>) {
+    let d = lock(d);
+    let t = d.stats();
+    let b = d.device().stats();
+    let queues = t
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let qi = u16::try_from(i).unwrap_or(u16::MAX);
+            let bs = d.device().queue_stats(qi).map(|s| s.snapshot()).unwrap_or_default();
+            QueueStat {
+                index: qi,
+                requests: bs.requests,
+                read_bytes: bs.read_bytes,
+                write_bytes: bs.write_bytes,
+                errors: q.errors + bs.io_errors + bs.malformed,
+                kicks: q.kicks,
+                interrupts: q.interrupts,
+            }
         })
-        .map_err(|e| format!("{name}: {e}"))?;
-    if let Some(p) = &path {
-        log::info!("{name}: serving on {}", p.display());
-    }
-    Ok(Served {
-        name,
-        path,
-        handle,
-        thread,
-    })
+        .collect();
+    let counters = vec![
+        ("bar_reads", t.bar_reads),
+        ("bar_writes", t.bar_writes),
+        ("resets", t.resets),
+        ("needs_reset", t.needs_reset),
+        ("engine_timeouts", t.engine_timeouts),
+        ("config_interrupts", t.config_interrupts),
+        ("flushes", b.flushes),
+        ("discards", b.discards),
+        ("write_zeroes", b.write_zeroes),
+        ("io_errors", b.io_errors),
+        ("unsupported", b.unsupported),
+        ("malformed", b.malformed),
+        ("bounced", b.bounced),
+    ];
+    (queues, counters)
 }
 
-fn virtio_blk(name: &str, b: &BlkSpec, pool: &Arc<PollerPool>) -> Result<VirtioPciDevice<VirtioBlkDevice>, String> {
+/// The test device's counters are registers; reading them has no side effect.
+fn testdev_stats(model: &Mutex<dyn DeviceModel>) -> Vec<(&'static str, u64)> {
+    let mut d = lock(model);
+    let mut rd = |off: u64| {
+        let mut b = [0u8; 4];
+        d.bar_read(regs::REGS_BAR, off, &mut b);
+        u64::from(u32::from_le_bytes(b))
+    };
+    vec![
+        ("interrupts", rd(regs::IRQ_COUNT)),
+        ("doorbells", rd(regs::DOORBELL_COUNT)),
+        ("page_doorbells", rd(regs::PAGE_COUNT)),
+        ("dma_passes", rd(regs::DMA_PASSES)),
+        ("dma_errors", rd(regs::DMA_ERRORS)),
+    ]
+}
+
+/// A server not yet running, with the state cell its adapter updates.
+struct Runner<D: emudev_vfio_user::ServerDevice + Send + 'static> {
+    server: Server<D>,
+    state: StateCell,
+}
+
+impl<D: emudev_vfio_user::ServerDevice + Send + 'static> Runner<D> {
+    fn new(server: Server<D>, state: StateCell) -> Self {
+        Self { server, state }
+    }
+
+    /// Run the server on its own thread, behind a panic fence.
+    fn spawn(self, name: &str) -> std::io::Result<(ServerHandle, JoinHandle<()>, StateCell)> {
+        let Runner { mut server, state } = self;
+        let handle = server.handle();
+        let st = state.clone();
+        let n = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("emudevd-{name}"))
+            .spawn(move || match guarded(|| server.run()) {
+                Ok(Ok(())) => log::info!("{n}: server stopped"),
+                Ok(Err(e)) => {
+                    log::error!("{n}: server failed: {e}");
+                    st.set(DeviceState::Failed);
+                }
+                Err(msg) => {
+                    log::error!("{n}: server thread panicked: {msg}");
+                    st.set(DeviceState::Failed);
+                }
+            })?;
+        Ok((handle, thread, state))
+    }
+}
+
+fn virtio_blk(
+    name: &str,
+    b: &BlkSpec,
+    pool: &Arc<PollerPool>,
+) -> Result<(VirtioPciDevice<VirtioBlkDevice>, Arc<dyn BlockBackend>), String> {
     let backend: Arc<dyn BlockBackend> = match &b.backend {
         BlkBackendSpec::File { path, direct } => Arc::new(
             RawFile::open(
@@ -116,7 +551,7 @@ fn virtio_blk(name: &str, b: &BlkSpec, pool: &Arc<PollerPool>) -> Result<VirtioP
                     ..RawFileOptions::default()
                 },
             )
-            .map_err(|e| format!("{name}: {e}"))?,
+            .map_err(|e| e.to_string())?,
         ),
         BlkBackendSpec::Null { size } => Arc::new(NullBackend::new(*size).with_id(&b.serial)),
     };
@@ -126,37 +561,7 @@ fn virtio_blk(name: &str, b: &BlkSpec, pool: &Arc<PollerPool>) -> Result<VirtioP
         queue_size: b.queue_size,
         ..BlkOptions::default()
     };
-    let dev = VirtioBlkDevice::new(backend, opts, pool.clone()).map_err(|e| format!("{name}: {e}"))?;
-    VirtioPciDevice::new(name, dev).map_err(|e| format!("{name}: {e}"))
-}
-
-/// Build and serve every device. On failure, what was started is stopped again.
-pub fn start(
-    prepared: Vec<Prepared>,
-    listeners: Vec<(UnixListener, Option<PathBuf>)>,
-    pollers: usize,
-) -> Result<Running, String> {
-    let mut running = Running { served: Vec::new() };
-    let pool = PollerPool::new(pollers).map_err(|e| format!("cannot start poller threads: {e}"))?;
-    for (p, (listener, path)) in prepared.into_iter().zip(listeners) {
-        let name = format!("{}{}", p.spec.kind.type_name(), p.spec.index);
-        let r = match &p.spec.kind {
-            DeviceKind::TestDev => TestDevice::new(&name)
-                .map_err(|e| format!("{name}: {e}"))
-                .and_then(|d| serve(name.clone(), d, listener, path.clone())),
-            DeviceKind::VirtioBlk(b) => virtio_blk(&name, b, &pool)
-                .and_then(|d| serve(name.clone(), d, listener, path.clone())),
-        };
-        match r {
-            Ok(s) => running.served.push(s),
-            Err(e) => {
-                if let Some(p) = path {
-                    let _ = std::fs::remove_file(p);
-                }
-                running.shutdown();
-                return Err(e);
-            }
-        }
-    }
-    Ok(running)
+    let dev = VirtioBlkDevice::new(backend.clone(), opts, pool.clone()).map_err(|e| e.to_string())?;
+    let pci = VirtioPciDevice::new(name, dev).map_err(|e| e.to_string())?;
+    Ok((pci, backend))
 }

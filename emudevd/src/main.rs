@@ -5,6 +5,7 @@
 //! a clean stop, and `sd_notify` READY=1 once every socket listens.
 
 mod config;
+mod control;
 mod devices;
 mod notify;
 mod sockets;
@@ -12,6 +13,7 @@ mod sockets;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use config::DeviceSpec;
 
@@ -26,11 +28,13 @@ Options:
                                      [,num-queues=N][,queue-size=N][,serial=STR]
                            virtio-blk,socket=PATH,backend=null[,size=1G]
                            testdev,socket=PATH
+                         every type also takes id=NAME (default: TYPE followed by its index)
   --socket-path PATH     socket for a single --device given without socket=
   --fd N                 serve a single device on listening socket fd N (from the launcher)
   --socket-group GID     make sockets 0660 with this group (default: 0600, owner only)
   --pollers N            poller threads shared by all devices (default 1)
   --pidfile PATH         write our pid here (removed on exit)
+  --control PATH         control socket (JSON lines, QMP style; see emudevctl)
   --print-capabilities   print device types and features as JSON, then exit
   -h, --help             this text
   -V, --version          version
@@ -45,6 +49,7 @@ struct Args {
     socket_group: Option<u32>,
     pollers: usize,
     pidfile: Option<PathBuf>,
+    control: Option<PathBuf>,
     print_capabilities: bool,
 }
 
@@ -82,7 +87,10 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             }
             "--socket-group" => {
                 let v = value("--socket-group")?;
-                a.socket_group = Some(v.parse().map_err(|_| format!("--socket-group {v}: not a numeric gid"))?);
+                a.socket_group = Some(
+                    v.parse()
+                        .map_err(|_| format!("--socket-group {v}: not a numeric gid"))?,
+                );
             }
             "--pollers" => {
                 let v = value("--pollers")?;
@@ -93,6 +101,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
                     .ok_or_else(|| format!("--pollers {v}: expected 1 to 64"))?;
             }
             "--pidfile" => a.pidfile = Some(value("--pidfile")?.into()),
+            "--control" => a.control = Some(value("--control")?.into()),
             "--print-capabilities" => a.print_capabilities = true,
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
@@ -130,15 +139,16 @@ fn capabilities() -> serde_json::Value {
         "protocol": { "major": 0, "minor": 0 },
         "devices": {
             "virtio-blk": {
-                "options": ["socket", "path", "backend", "size", "readonly", "direct",
+                "options": ["socket", "id", "path", "backend", "size", "readonly", "direct",
                             "num-queues", "queue-size", "serial"],
                 "features": ["seg-max", "size-max", "blk-size", "flush", "mq", "get-id",
                              "discard", "write-zeroes", "ro", "packed-ring", "event-idx",
                              "indirect-desc", "ring-reset"]
             },
-            "testdev": { "options": ["socket"] }
+            "testdev": { "options": ["socket", "id"] }
         },
-        "features": ["fd", "socket-path", "pidfile", "sd-notify", "no-shared-mem-dma"]
+        "features": ["fd", "socket-path", "pidfile", "sd-notify", "no-shared-mem-dma", "control"],
+        "control": ["query-devices", "query-stats", "device-add", "device-del", "set-link"]
     })
 }
 
@@ -164,7 +174,12 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("emudevd[{}] {:5} {}", std::process::id(), r.level(), r.args());
+            eprintln!(
+                "emudevd[{}] {:5} {}",
+                std::process::id(),
+                r.level(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -179,60 +194,77 @@ fn run() -> Result<(), String> {
         println!("{:#}", capabilities());
         return Ok(());
     }
-    let specs: Vec<DeviceSpec> = config::parse_devices(&device_args(&args)?).map_err(|e| e.to_string())?;
+    let specs: Vec<DeviceSpec> =
+        config::parse_devices(&device_args(&args)?).map_err(|e| e.to_string())?;
     if specs.is_empty() {
         return Err("no --device given (see --help)".into());
     }
     // Everything that can be checked without side effects is checked before we create
-    // anything: device options, backing files.
-    let prepared = specs
-        .iter()
-        .map(devices::prepare)
-        .collect::<Result<Vec<_>, _>>()?;
+    // anything: device options, backing files, socket paths.
+    for s in &specs {
+        devices::prepare(s).map_err(|e| e.to_string())?;
+    }
+    if let Some(c) = &args.control {
+        if specs.iter().any(|s| &s.socket == c) {
+            return Err(format!("--control {}: also a device socket", c.display()));
+        }
+        sockets::check_path(c).map_err(|e| format!("--control: {e}"))?;
+    }
+    for s in specs.iter().filter(|s| !s.socket.to_string_lossy().starts_with("fd:")) {
+        sockets::check_path(&s.socket).map_err(|e| format!("device {}: {e}", s.name()))?;
+    }
 
-    // Block the stop signals in every thread; the main thread waits for them.
+    // Block the stop signals in every thread (threads inherit the mask); the main thread
+    // waits for them.
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGTERM);
     sigs.add(nix::sys::signal::Signal::SIGINT);
     sigs.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
 
-    let mut listeners: Vec<(UnixListener, Option<PathBuf>)> = Vec::new();
-    let cleanup = |ls: &[(UnixListener, Option<PathBuf>)]| {
-        for (_, p) in ls {
-            if let Some(p) = p {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    };
+    let registry = Arc::new(devices::Registry::new(args.pollers, args.socket_group, specs.len())?);
     for s in &specs {
+        let name = s.name();
         let sock = s.socket.display().to_string();
         let r = match sock.strip_prefix("fd:") {
             Some(fd) => fd
                 .parse()
-                .map_err(|_| format!("bad fd {fd}"))
-                .and_then(|fd| sockets::from_fd(fd).map_err(|e| e.to_string()))
+                .map_err(|_| format!("device {name}: bad fd {fd}"))
+                .and_then(|fd| sockets::from_fd(fd).map_err(|e| format!("device {name}: {e}")))
                 .map(|l| (l, None)),
             None => sockets::bind(&s.socket, args.socket_group)
                 .map(|l| (l, Some(s.socket.clone())))
-                .map_err(|e| format!("device {} ({}): {e}", s.index, s.kind.type_name())),
+                .map_err(|e| format!("device {name} ({}): {e}", s.kind.type_name())),
         };
-        match r {
-            Ok(x) => listeners.push(x),
-            Err(e) => {
-                cleanup(&listeners);
-                return Err(e);
-            }
+        let r = r.and_then(|(l, path): (UnixListener, Option<PathBuf>)| {
+            registry
+                .add_listening(s.clone(), l, path)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r {
+            registry.shutdown();
+            return Err(e);
         }
     }
-
-    let running = match devices::start(prepared, listeners, args.pollers) {
-        Ok(r) => r,
-        Err(e) => return Err(e),
+    let control = match &args.control {
+        None => None,
+        Some(p) => match control::Control::start(p, args.socket_group, registry.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                registry.shutdown();
+                return Err(format!("--control: {e}"));
+            }
+        },
+    };
+    let stop_all = |control: Option<control::Control>| {
+        if let Some(c) = control {
+            c.stop();
+        }
+        registry.shutdown();
     };
 
     if let Some(p) = &args.pidfile {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-            running.shutdown();
+            stop_all(control);
             return Err(format!("--pidfile {}: {e}", p.display()));
         }
     }
@@ -246,7 +278,7 @@ fn run() -> Result<(), String> {
     let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
     log::info!("{sig:?}: shutting down");
     let _ = notify::notify("STOPPING=1");
-    running.shutdown();
+    stop_all(control);
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }
@@ -275,17 +307,24 @@ mod tests {
 
     #[test]
     fn socket_path_applies_to_a_single_device() {
-        let a = args(&["--device", "testdev", "--socket-path", "/tmp/x.sock"]).unwrap().unwrap();
+        let a = args(&["--device", "testdev", "--socket-path", "/tmp/x.sock"])
+            .unwrap()
+            .unwrap();
         assert_eq!(device_args(&a).unwrap(), vec!["testdev,socket=/tmp/x.sock"]);
         let a = args(&["--device=testdev", "--fd=5"]).unwrap().unwrap();
         assert_eq!(device_args(&a).unwrap(), vec!["testdev,socket=fd:5"]);
-        let a = args(&["--device", "testdev", "--device", "testdev", "--fd", "5"]).unwrap().unwrap();
+        let a = args(&["--device", "testdev", "--device", "testdev", "--fd", "5"])
+            .unwrap()
+            .unwrap();
         assert!(device_args(&a).is_err());
     }
 
     #[test]
     fn bad_flags_are_precise() {
-        assert_eq!(args(&["--bogus"]).unwrap_err(), "unknown argument '--bogus' (see --help)");
+        assert_eq!(
+            args(&["--bogus"]).unwrap_err(),
+            "unknown argument '--bogus' (see --help)"
+        );
         assert_eq!(args(&["--device"]).unwrap_err(), "--device needs a value");
         assert!(args(&["--pollers", "0"]).unwrap_err().contains("1 to 64"));
     }

@@ -31,6 +31,31 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Soc
     }
 }
 
+/// Check, without changing anything, that a socket can be created at `path`: its directory
+/// exists, and the path is absent or a stale socket (nobody listening).
+pub fn check_path(path: &Path) -> Result<(), SocketError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !std::fs::metadata(dir).map_err(io_err(path, "directory"))?.is_dir() {
+        return Err(io_err(path, "directory")(io::Error::from(io::ErrorKind::NotADirectory)));
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "stat")(e)),
+        Ok(md) if !md.file_type().is_socket() => Err(SocketError::NotASocket {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => Err(SocketError::Live {
+                path: path.to_path_buf(),
+            }),
+            Err(_) => Ok(()),
+        },
+    }
+}
+
 /// Check that `path` can be used: absent, or a stale socket (which is removed).
 pub fn prepare_path(path: &Path) -> Result<(), SocketError> {
     match std::fs::symlink_metadata(path) {
@@ -120,7 +145,10 @@ mod tests {
     fn refuses_a_regular_file() {
         let p = tmp("file");
         std::fs::write(&p, b"x").unwrap();
-        assert!(matches!(bind(&p, None), Err(SocketError::NotASocket { .. })));
+        assert!(matches!(
+            bind(&p, None),
+            Err(SocketError::NotASocket { .. })
+        ));
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -2,4 +2,5 @@
 //! `lsvfio`.
 
 pub mod decode;
+pub mod demo;
 pub mod logger;

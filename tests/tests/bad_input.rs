@@ -210,7 +210,8 @@ fn header_claiming_4gib_is_refused_without_allocating() {
     // A size beyond any plausible message means the stream cannot be trusted: after the
     // error reply the server closes the connection (instead of skipping 4 GiB), and the
     // next client is served at once.
-    c.expect_eof().expect("server closes a connection that claimed 4 GiB");
+    c.expect_eof()
+        .expect("server closes a connection that claimed 4 GiB");
     drop(c);
     let c2 = connect_retry(&srv.path).unwrap();
     assert_alive(&c2);

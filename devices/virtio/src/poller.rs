@@ -162,7 +162,8 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 enum Ctl {
-    AddQueue(Box<Slot>, Completer<()>),
+    /// Not acknowledged: `queue_start` completes when it sends this (see there).
+    AddQueue(Box<Slot>),
     StopQueue(QueueKey, Completer<QueueState>),
     StopDevice(u64, Arc<Countdown>),
     Memory(u64, Arc<GuestMemory>, Arc<Countdown>),
@@ -421,8 +422,7 @@ impl Engine for PollerEngine {
             irq_count: 0,
             irq_since: None,
         });
-        let (c, done) = Completion::pair();
-        if let Err(e) = self.pool.send(thread, Ctl::AddQueue(slot, c)) {
+        if let Err(e) = self.pool.send(thread, Ctl::AddQueue(slot)) {
             return Completion::ready(Err(e));
         }
         self.queues.insert(
@@ -433,7 +433,11 @@ impl Engine for PollerEngine {
                 stats,
             },
         );
-        done
+        // Complete now rather than on the poller's ack: the poller may be blocked in a DMA
+        // message of another queue that only the (waiting) control thread can route. The
+        // queue is validated above, and later control messages to the thread are ordered
+        // after the AddQueue.
+        Completion::ready(Ok(()))
     }
 
     fn queue_stop(&mut self, qidx: u16) -> Completion<QueueState> {
@@ -737,13 +741,12 @@ impl Worker {
                 Err(TryRecvError::Disconnected) => return false,
             };
             match msg {
-                Ctl::AddQueue(mut slot, ack) => {
+                Ctl::AddQueue(mut slot) => {
                     let key = (slot.dev, slot.qidx);
                     self.tombstones.remove(&key);
                     self.devs.entry(slot.dev).or_default();
                     slot.queue.disable_notifications();
                     self.slots.push(*slot);
-                    ack.complete(Ok(()));
                 }
                 Ctl::StopQueue(key, ack) => {
                     if let Some(s) = self

@@ -6,8 +6,11 @@
 //!   the device like DEVICE_RESET.
 //! - BAR regions: MSI-X table/PBA ranges go to the PCI model, the rest to
 //!   [`DeviceModel::bar_read`] / [`DeviceModel::bar_write`]. ROM reads return zeroes.
-//! - DMA map changes: quiesce, [`DeviceModel::set_memory`] with a new [`GuestMemory`]
-//!   snapshot, resume. The unmap reply goes out only after `set_memory` returned.
+//! - DMA map changes: a change that removes an fd-backed range quiesces, calls
+//!   [`DeviceModel::set_memory`] with a new [`GuestMemory`] snapshot and resumes; the unmap
+//!   reply goes out only after `set_memory` returned. Any other change (a map, an unmap of
+//!   message-only ranges) goes to [`DeviceModel::set_memory_lazy`] without waiting, falling
+//!   back to the quiesce path when the device cannot switch lazily.
 //!
 //! IRQ info (decisions):
 //! - INTx: count 1 when the function has an interrupt pin, EVENTFD | MASKABLE | AUTOMASKED.
@@ -24,9 +27,11 @@
 //! a removed range) and detach.
 //!
 //! Message DMA: fd-less maps are reached through the attached [`DmaPort`], wrapped in a
-//! gate per snapshot. Before an unmap quiesces the device, the old gate is closed, so a
-//! worker blocked on a DMA message (which the event loop cannot answer while it waits for
-//! the quiesce) fails its next transfer instead of touching the old table.
+//! gate shared by snapshots until a change retires a host mapping. Before such a change
+//! quiesces the device, the gate is closed, so a worker blocked on a DMA message (which the
+//! event loop cannot answer while it waits for the quiesce) fails its next transfer instead
+//! of touching the old table. Lazy changes keep the gate open: the client validates every
+//! message DMA against its own map.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,7 +136,10 @@ pub struct VfioUserAdapter<D: DeviceModel> {
     state: StateCell,
     events: Arc<EventBus>,
     port: Option<DmaPort>,
+    /// Gate of the current snapshots' port, and that gated port (shared by successive
+    /// snapshots until a change retires a host mapping).
     gate: Option<Arc<AtomicBool>>,
+    gated: Option<DmaPort>,
     attached: bool,
     err: IrqLine,
     req: IrqLine,
@@ -170,6 +178,7 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
             events,
             port: None,
             gate: None,
+            gated: None,
             attached: false,
             err: IrqLine::new(),
             req: IrqLine::new(),
@@ -248,22 +257,58 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
         }
     }
 
-    /// Replace the device's memory: quiesce, set_memory, resume. Used for every DMA table
-    /// change. On a quiesce failure the memory is still swapped (so the device drops its
+    /// The port for a new snapshot. With `fresh`, the gate of the previous snapshots is
+    /// closed first, so a worker blocked on a DMA message fails fast instead of touching
+    /// the old table.
+    fn snapshot_port(&mut self, fresh: bool) -> Option<DmaPort> {
+        if fresh || self.gated.is_none() {
+            if let Some(old) = self.gate.take() {
+                old.store(false, Ordering::Release);
+            }
+            self.gated = self.port.clone().map(|p| {
+                let open = Arc::new(AtomicBool::new(true));
+                self.gate = Some(open.clone());
+                DmaPort::new(Arc::new(GatedPort { inner: p, open }))
+            });
+        }
+        self.gated.clone()
+    }
+
+    /// Replace the device's memory. Used for every DMA table change.
+    ///
+    /// `retires_mapping`: the change removed an fd-backed (mmapped) range. Only then must
+    /// every user let go of the old snapshot before the reply: quiesce, set_memory, resume.
+    /// Otherwise (a map, or an unmap of message-only ranges, which the client validates on
+    /// every DMA) the device may switch lazily ([`DeviceModel::set_memory_lazy`]), so the
+    /// control thread never waits on a datapath thread that may itself wait for a DMA
+    /// message only this thread routes.
+    ///
+    /// On a quiesce failure the memory is still swapped (so the device drops its
     /// references to removed ranges) and the device is marked Failed. Returns the outcome
     /// and whether the device now uses `table`.
-    fn update_memory(&mut self, table: &[DmaRegion], what: &str) -> (Result<(), Errno>, bool) {
-        if let Some(old) = self.gate.take() {
-            old.store(false, Ordering::Release);
+    fn update_memory(
+        &mut self,
+        table: &[DmaRegion],
+        retires_mapping: bool,
+        what: &str,
+    ) -> (Result<(), Errno>, bool) {
+        let was_failed = self.state.is_failed();
+        if !retires_mapping {
+            let mem = Arc::new(GuestMemory::from_dma(table, self.snapshot_port(false)));
+            let regions = mem.region_count();
+            match self.call_always(what, |d| d.set_memory_lazy(&mem)) {
+                Ok(true) => {
+                    self.events.publish(DeviceEvent::MemoryChanged { regions });
+                    let r = if was_failed { Err(Errno::EIO) } else { Ok(()) };
+                    return (r, true);
+                }
+                Ok(false) => {}
+                Err(e) => return (Err(e), false),
+            }
         }
-        let port = self.port.clone().map(|p| {
-            let open = Arc::new(AtomicBool::new(true));
-            self.gate = Some(open.clone());
-            DmaPort::new(Arc::new(GatedPort { inner: p, open }))
-        });
+        let port = self.snapshot_port(true);
         let mem = Arc::new(GuestMemory::from_dma(table, port));
         let regions = mem.region_count();
-        let was_failed = self.state.is_failed();
         let res = self.call_always(what, |d| {
             let q = d.quiesce();
             d.set_memory(mem);
@@ -610,16 +655,17 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
         // A refused map is rolled back by the server, so only refuse it when the device
         // did not take the new table; a failed device keeps exact bookkeeping and reports
         // its failure on device accesses instead.
-        match self.update_memory(table, "DMA map") {
+        match self.update_memory(table, false, "DMA map") {
             (Err(e), false) => Err(e),
             _ => Ok(()),
         }
     }
 
-    fn dma_unmap(&mut self, table: &[DmaRegion], _removed: &[DmaRegion]) -> Result<(), Errno> {
+    fn dma_unmap(&mut self, table: &[DmaRegion], removed: &[DmaRegion]) -> Result<(), Errno> {
         // Removal happens regardless of the answer; the device uses `table` either way
         // unless its set_memory panicked, which leaves it Failed.
-        self.update_memory(table, "DMA unmap").0
+        let retires_mapping = removed.iter().any(|r| r.mapping.is_some());
+        self.update_memory(table, retires_mapping, "DMA unmap").0
     }
 
     fn reset(&mut self) -> Result<(), Errno> {
@@ -627,6 +673,10 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
     }
 
     fn attach(&mut self, dma: DmaPort) {
+        if let Some(g) = self.gate.take() {
+            g.store(false, Ordering::Release);
+        }
+        self.gated = None;
         self.port = Some(dma);
         self.attached = true;
         self.transition(Transition::Attach);
@@ -638,6 +688,7 @@ impl<D: DeviceModel> ServerDevice for VfioUserAdapter<D> {
         if let Some(g) = self.gate.take() {
             g.store(false, Ordering::Release);
         }
+        self.gated = None;
         self.port = None;
         let _ = self.call_always("detach", |d| {
             d.set_memory(Arc::new(GuestMemory::empty()));
@@ -673,6 +724,10 @@ mod tests {
         resets: u32,
         regions: Option<usize>,
         stops: u32,
+        quiesces: u32,
+        lazy: u32,
+        /// The last snapshot the device got.
+        mem: Option<Arc<GuestMemory>>,
     }
 
     struct Fake {
@@ -680,6 +735,8 @@ mod tests {
         calls: Arc<Mutex<Calls>>,
         panic_on_write: bool,
         fail_quiesce: bool,
+        /// Accept lazy memory switches.
+        lazy: bool,
         bus: Option<Arc<EventBus>>,
     }
 
@@ -697,9 +754,21 @@ mod tests {
             assert!(!self.panic_on_write, "fake device bug");
         }
         fn set_memory(&mut self, mem: Arc<GuestMemory>) {
-            self.calls.lock().unwrap().regions = Some(mem.region_count());
+            let mut c = self.calls.lock().unwrap();
+            c.regions = Some(mem.region_count());
+            c.mem = Some(mem);
+        }
+        fn set_memory_lazy(&mut self, mem: &Arc<GuestMemory>) -> bool {
+            if self.lazy {
+                let mut c = self.calls.lock().unwrap();
+                c.lazy += 1;
+                c.regions = Some(mem.region_count());
+                c.mem = Some(mem.clone());
+            }
+            self.lazy
         }
         fn quiesce(&mut self) -> Result<(), DeviceError> {
+            self.calls.lock().unwrap().quiesces += 1;
             if self.fail_quiesce {
                 return Err(DeviceError::QuiesceTimeout {
                     device: "fake0".into(),
@@ -748,6 +817,7 @@ mod tests {
             calls: calls.clone(),
             panic_on_write: false,
             fail_quiesce: false,
+            lazy: false,
             bus: None,
         };
         let mut a = VfioUserAdapter::new(dev);
@@ -865,6 +935,77 @@ mod tests {
         a.dma_map(std::slice::from_ref(&r), &r).unwrap();
         assert_eq!(calls.lock().unwrap().regions, Some(1));
         assert_eq!(a.state(), DeviceState::Failed);
+    }
+
+    /// Answers every message DMA with zeroes.
+    struct ZeroPort;
+    impl DmaTransport for ZeroPort {
+        fn read(&self, _: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), DmaError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_retiring_a_host_mapping_quiesces() {
+        let (mut a, calls) = fake();
+        a.with_device(|d| d.lazy = true);
+        a.attach(DmaPort::new(Arc::new(ZeroPort)));
+        let rw = dma_flags::READ | dma_flags::WRITE;
+        let msg = DmaRegion {
+            iova: 0x10_0000,
+            size: 0x1000,
+            prot: rw,
+            mapping: None,
+            map_offset: 0,
+        };
+        let mapped = DmaRegion {
+            iova: 0,
+            size: 0x1000,
+            prot: rw,
+            mapping: Some(Arc::new(MmapRegion::new(0x1000).unwrap())),
+            map_offset: 0,
+        };
+        let both = [mapped.clone(), msg.clone()];
+        let snap = |c: &Arc<Mutex<Calls>>| c.lock().unwrap().mem.clone().unwrap();
+        let counts = |c: &Arc<Mutex<Calls>>| {
+            let c = c.lock().unwrap();
+            (c.lazy, c.quiesces, c.regions)
+        };
+
+        // Maps never quiesce, whatever their backing.
+        a.dma_map(std::slice::from_ref(&msg), &msg).unwrap();
+        let first = snap(&calls);
+        a.dma_map(&both, &mapped).unwrap();
+        assert_eq!(counts(&calls), (2, 0, Some(2)));
+        // Removing a message-only range does not either, and the earlier snapshots' port
+        // stays open: a worker still on them finishes its transfer.
+        a.dma_unmap(std::slice::from_ref(&mapped), std::slice::from_ref(&msg))
+            .unwrap();
+        assert_eq!(counts(&calls), (3, 0, Some(1)));
+        let mut b = [1u8; 4];
+        first.read(msg.iova, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        // Retiring the host mapping quiesces, and closes the old port first.
+        a.dma_map(&both, &msg).unwrap();
+        let before = snap(&calls);
+        a.dma_unmap(std::slice::from_ref(&msg), std::slice::from_ref(&mapped))
+            .unwrap();
+        assert_eq!(counts(&calls), (4, 1, Some(1)));
+        assert_eq!(
+            before.read(msg.iova, &mut b),
+            Err(crate::MemError::Dma(DmaError::Disconnected))
+        );
+        snap(&calls).read(msg.iova, &mut b).unwrap();
+        assert_eq!(a.state(), DeviceState::Running);
+
+        // A device that cannot switch lazily is quiesced for every change.
+        a.with_device(|d| d.lazy = false);
+        a.dma_map(&both, &mapped).unwrap();
+        assert_eq!(counts(&calls), (4, 2, Some(2)));
     }
 
     #[test]

@@ -41,7 +41,9 @@ fn run(args: &[String]) -> Result<Option<u64>, String> {
         .map_err(|e| format!("open {file}: {e}"))?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     if offset + width > len {
-        return Err(format!("offset {offset:#x} outside {file} ({len:#x} bytes)"));
+        return Err(format!(
+            "offset {offset:#x} outside {file} ({len:#x} bytes)"
+        ));
     }
     let page = 4096u64;
     let map_off = offset & !(page - 1);

@@ -534,6 +534,9 @@ impl<D: ServerDevice> Server<D> {
             t.alive.store(false, Ordering::Release);
         }
         c.pending.clear();
+        // Drop queued DMA requests for this connection first, so workers blocked on them
+        // fail now rather than at their timeout while the device stops below.
+        while self.dma_rx.try_recv().is_ok() {}
         let removed = c.table.clear();
         if !removed.is_empty() {
             if let Err(e) = self.device.dma_unmap(&[], &removed) {
@@ -543,7 +546,7 @@ impl<D: ServerDevice> Server<D> {
         if c.peer.is_some() {
             self.device.detach();
         }
-        // Drop queued DMA requests for this connection.
+        // And any the device queued while stopping.
         while self.dma_rx.try_recv().is_ok() {}
     }
 }

@@ -32,4 +32,6 @@ pub use transport::{
 #[cfg(test)]
 mod e2e_tests;
 #[cfg(test)]
+mod nowait_tests;
+#[cfg(test)]
 mod tests;

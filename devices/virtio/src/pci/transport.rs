@@ -4,15 +4,16 @@
 //! configuration, the ISR and the doorbells, and drives the device type's [`Engine`]:
 //! DRIVER_OK -> `features_changed` + `queue_start` for every enabled queue (queues enabled
 //! later start at enable time), queue_reset -> `queue_stop`, status 0 -> stop everything,
-//! DMA map changes -> `memory_changed`. Every engine call is waited for (bounded), so the
-//! register read that follows already sees the outcome.
+//! DMA map changes -> `memory_changed`. Engine calls are waited for (bounded), so the
+//! register read that follows already sees the outcome, except lazy memory changes
+//! ([`DeviceModel::set_memory_lazy`]), which must not wait.
 //!
 //! Doorbells are trapped writes to the notify window; each one rings the queue's [`Kick`]
 //! eventfd the engine sleeps on. No region is mmappable, so QEMU posts these writes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use emudev::device::{DeviceError, DeviceModel};
 use emudev::events::{DeviceEvent, EventBus};
@@ -23,7 +24,7 @@ use emudev::pci::{
 use emudev::GuestMemory;
 use log::{debug, error, warn};
 
-use super::common_cfg::{offset, CommonCfg, CommonCfgHooks};
+use super::common_cfg::{offset, status, CommonCfg, CommonCfgHooks};
 use super::device_type::VirtioDeviceType;
 use super::features::{VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use super::interrupt::{QueueNotifier, VirtioInterrupts};
@@ -114,6 +115,18 @@ struct Runtime {
     timeout: Duration,
     /// Where queue start/stop events go (set by the transport adapter).
     events: Option<Arc<EventBus>>,
+    /// A device reset whose queue stops still run on the engine.
+    resetting: Option<PendingReset>,
+}
+
+/// A device reset in progress. The control thread does not wait for the engine's queue
+/// stops (a poller may be blocked in a DMA message only the control thread routes);
+/// instead `device_status` reads return `status` until they finish, and drivers poll it
+/// until it reads 0 (virtio 1.2 §4.1.4.3.2; Linux `vp_reset`).
+struct PendingReset {
+    stops: Vec<(u16, Completion<crate::queue::QueueState>)>,
+    status: u8,
+    since: Instant,
 }
 
 /// Raise DEVICE_NEEDS_RESET once and send the configuration interrupt.
@@ -208,6 +221,68 @@ impl Runtime {
         self.publish(DeviceEvent::QueueStopped { queue: index });
     }
 
+    /// Stop every started queue without waiting (device reset); the stops are tracked in
+    /// `resetting` and finish in [`Runtime::reset_status`].
+    fn stop_all_nowait(&mut self) {
+        let mut stops = Vec::new();
+        for i in 0..self.started.len() {
+            if !self.started[i] {
+                continue;
+            }
+            // Queue counts were bounded by MAX_QUEUES at construction.
+            let index = i as u16;
+            stops.push((index, self.engine.queue_stop(index)));
+            self.started[i] = false;
+            if let Some(qc) = self.counters.queue(index) {
+                inc(&qc.stops);
+            }
+            self.publish(DeviceEvent::QueueStopped { queue: index });
+        }
+        if stops.is_empty() {
+            return;
+        }
+        match &mut self.resetting {
+            Some(p) => p.stops.extend(stops),
+            None => {
+                self.resetting = Some(PendingReset {
+                    stops,
+                    status: 0,
+                    since: Instant::now(),
+                })
+            }
+        }
+    }
+
+    /// While a device reset's queue stops are still running: the status the driver reads
+    /// meanwhile. Gives up (logged, like a timed-out wait) after the engine timeout.
+    fn reset_status(&mut self) -> Option<u8> {
+        let p = self.resetting.as_mut()?;
+        p.stops.retain(|(q, c)| match c.try_get() {
+            None => true,
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                warn!("{}: queue {q} stop failed: {e}", self.name);
+                false
+            }
+        });
+        if p.stops.is_empty() {
+            self.resetting = None;
+            return None;
+        }
+        if p.since.elapsed() > self.timeout {
+            inc(&self.counters.engine_timeouts);
+            error!(
+                "{}: engine queue_stop of {} queue(s) timed out after {:?}; reset completes anyway",
+                self.name,
+                p.stops.len(),
+                self.timeout
+            );
+            self.resetting = None;
+            return None;
+        }
+        Some(p.status)
+    }
+
     fn engine_memory(&mut self, mem: Arc<GuestMemory>) -> Completion {
         self.engine.memory_changed(mem)
     }
@@ -253,7 +328,7 @@ impl<T: VirtioDeviceType> CommonCfgHooks for Hooks<'_, T> {
     }
 
     fn device_reset(&mut self) {
-        self.rt.stop_all();
+        self.rt.stop_all_nowait();
         self.dev.reset();
         self.rt.irqs.reset();
         self.rt.needs_reset.store(false, Ordering::SeqCst);
@@ -439,6 +514,7 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             counters,
             timeout: opts.engine_timeout,
             events: None,
+            resetting: None,
         };
         // The engine contract wants memory before the first queue start.
         let c = rt.engine_memory(Arc::new(GuestMemory::empty()));
@@ -536,6 +612,20 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
         }
     }
 
+    /// A reset just issued queue stops: until they finish, status reads show the status
+    /// from before the reset (nonzero), so the driver keeps polling.
+    fn note_reset_status(&mut self, before: u8) {
+        if let Some(p) = &mut self.rt.resetting {
+            if p.status == 0 {
+                p.status = if before == 0 {
+                    status::ACKNOWLEDGE
+                } else {
+                    before
+                };
+            }
+        }
+    }
+
     /// Fold a datapath DEVICE_NEEDS_RESET request into the status register.
     fn sync_needs_reset(&mut self) {
         if self.rt.needs_reset.load(Ordering::SeqCst) {
@@ -555,11 +645,13 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
     }
 
     fn common_write(&mut self, off: u64, data: &[u8]) {
+        let before = self.common.status();
         let mut hooks = Hooks {
             dev: &mut self.dev,
             rt: &mut self.rt,
         };
         self.common.write(off, data, &mut hooks);
+        self.note_reset_status(before);
         if matches!(
             off,
             offset::CONFIG_MSIX_VECTOR
@@ -633,10 +725,22 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
         };
         match region {
             BarRegion::Common => {
-                if rel <= offset::DEVICE_STATUS && rel + data.len() as u64 > offset::DEVICE_STATUS {
+                let covers_status = rel <= offset::DEVICE_STATUS
+                    && rel + data.len() as u64 > offset::DEVICE_STATUS;
+                if covers_status {
                     self.sync_needs_reset();
                 }
                 self.common.read(rel, data);
+                if covers_status {
+                    if let Some(st) = self.rt.reset_status() {
+                        if let Some(b) = usize::try_from(offset::DEVICE_STATUS - rel)
+                            .ok()
+                            .and_then(|i| data.get_mut(i))
+                        {
+                            *b = st;
+                        }
+                    }
+                }
             }
             BarRegion::Isr => {
                 if rel == 0 {
@@ -753,6 +857,15 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
         }
     }
 
+    /// Hand the snapshot to the engine without waiting: its queues adopt it at their next
+    /// burst boundary. Waiting here could deadlock: a poller may be blocked in a DMA
+    /// message that only the (waiting) control thread routes.
+    fn set_memory_lazy(&mut self, mem: &Arc<GuestMemory>) -> bool {
+        // The completion only reports when the old snapshot is released; nobody needs that.
+        drop(self.rt.engine_memory(mem.clone()));
+        true
+    }
+
     /// Pause the engine: no new requests are popped and none is in flight when this
     /// returns. (`set_memory` additionally waits for the memory switch itself.)
     fn quiesce(&mut self) -> Result<(), DeviceError> {
@@ -788,11 +901,13 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
     }
 
     fn reset(&mut self) {
+        let before = self.common.status();
         let mut hooks = Hooks {
             dev: &mut self.dev,
             rt: &mut self.rt,
         };
         hooks.device_reset();
+        self.note_reset_status(before);
         self.common.reset();
         // Nothing runs after a reset; a pause would only block the next start.
         self.resume();

@@ -19,6 +19,7 @@ pub mod testdriver;
 use std::sync::Arc;
 
 use emudev::{GuestMemory, MemError};
+use emudev_vfio_user::DmaError;
 
 pub use chain::{ChainError, DescChain, Reader, Segment, Writer, INLINE_SEGMENTS};
 
@@ -230,6 +231,28 @@ impl Queue {
         Err(e)
     }
 
+    /// Record a ring-access failure: sticky, unless our own side revoked the DMA port
+    /// (see [`is_revocation`]); then the queue waits for the next memory snapshot, keeping
+    /// its position and staged completions.
+    #[cold]
+    fn record(&mut self, e: QueueError) {
+        if is_revocation(&e) {
+            self.waiting_for_memory = Some(e);
+        } else {
+            self.error = Some(e);
+        }
+    }
+
+    /// Like [`Queue::fail`] for accesses that report "nothing available" while waiting.
+    #[cold]
+    fn fail_or_idle(&mut self, e: QueueError) -> Result<bool, QueueError> {
+        if is_revocation(&e) {
+            self.waiting_for_memory = Some(e);
+            return Ok(false);
+        }
+        self.fail(e)
+    }
+
     /// True while the current memory does not cover the ring (see [`Queue::set_memory`]).
     pub fn waiting_for_memory(&self) -> Option<&QueueError> {
         self.waiting_for_memory.as_ref()
@@ -239,7 +262,42 @@ impl Queue {
     /// the old one first and re-translating the rings. If the new memory does not cover the
     /// ring, the queue waits (idles) until a later snapshot does; other failures are sticky.
     pub fn set_memory(&mut self, mem: Arc<GuestMemory>) -> Result<bool, QueueError> {
-        let notify = self.flush_used();
+        let by_message = self.by_message();
+        let notify = if self.waiting_for_memory.is_some() && by_message {
+            // Completions stranded by a revoked port go out through the new snapshot: ring
+            // parts reached by messages address the guest, not a host mapping.
+            let r = match &mut self.ring {
+                Ring::Split(r) => r.flush(&mem),
+                Ring::Packed(r) => r.flush(&mem),
+            };
+            r.unwrap_or(false)
+        } else {
+            self.flush_used()
+        };
+        if self.staged() > 0 && self.error.is_none() {
+            self.mem = mem.clone();
+            if !by_message {
+                // Staged into a host ring that can no longer be published.
+                return self.fail(QueueError::RingNotMapped {
+                    what: "used ring",
+                    addr: self.cfg.device_addr,
+                    err: MemError::Unmapped {
+                        gpa: self.cfg.device_addr,
+                        len: 0,
+                    },
+                });
+            }
+            // Keep them in the old ring and wait for a snapshot that reaches it.
+            self.waiting_for_memory = Some(QueueError::RingNotMapped {
+                what: "used ring",
+                addr: self.cfg.device_addr,
+                err: MemError::Unmapped {
+                    gpa: self.cfg.device_addr,
+                    len: 0,
+                },
+            });
+            return Ok(notify);
+        }
         let state = self.state();
         let ring = match &self.ring {
             Ring::Split(r) => SplitRing::new(&self.cfg, self.features, &mem, state).map(|mut n| {
@@ -288,7 +346,7 @@ impl Queue {
                 // Hot path, kept small enough to inline into handler loops.
                 return match r.pop(&self.mem, chain) {
                     Ok(v) => Ok(v),
-                    Err(e) => self.fail(e),
+                    Err(e) => self.fail_or_idle(e),
                 };
             }
         }
@@ -309,7 +367,7 @@ impl Queue {
         };
         match r {
             Ok(v) => Ok(v),
-            Err(e) => self.fail(e),
+            Err(e) => self.fail_or_idle(e),
         }
     }
 
@@ -327,7 +385,7 @@ impl Queue {
         };
         match r {
             Ok(v) => Ok(v),
-            Err(e) => self.fail(e),
+            Err(e) => self.fail_or_idle(e),
         }
     }
 
@@ -348,15 +406,31 @@ impl Queue {
 
     #[inline(never)]
     fn add_used_slow(&mut self, head: u16, len: u32) {
-        if self.error.is_some() || self.waiting_for_memory.is_some() {
+        if self.error.is_some() {
             return;
+        }
+        // While waiting, completions of requests still in flight are staged only where that
+        // needs no access to memory that may be gone: a ring reached by messages (staged
+        // in the shadow), or the unswapped snapshot after a revocation.
+        if let Some(w) = &self.waiting_for_memory {
+            if !is_revocation(w) && !self.by_message() {
+                return;
+            }
         }
         let r = match &mut self.ring {
             Ring::Split(r) => r.add_used(&self.mem, head, len),
             Ring::Packed(r) => r.add_used(&self.mem, head, len),
         };
         if let Err(e) = r {
-            self.error = Some(e);
+            self.record(e);
+        }
+    }
+
+    /// True when no ring part is reached through a host pointer.
+    fn by_message(&self) -> bool {
+        match &self.ring {
+            Ring::Split(r) => r.by_message(),
+            Ring::Packed(r) => r.by_message(),
         }
     }
 
@@ -382,7 +456,7 @@ impl Queue {
         match r {
             Ok(v) => v,
             Err(e) => {
-                self.error = Some(e);
+                self.record(e);
                 false
             }
         }
@@ -398,7 +472,7 @@ impl Queue {
             Ring::Packed(r) => r.set_notifications(&self.mem, false),
         };
         if let Err(e) = r {
-            self.error = Some(e);
+            self.record(e);
         }
     }
 
@@ -414,7 +488,7 @@ impl Queue {
             Ring::Packed(r) => r.set_notifications(&self.mem, true),
         };
         if let Err(e) = r {
-            self.error = Some(e);
+            self.record(e);
             return false;
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -428,6 +502,21 @@ impl Queue {
             Ring::Packed(r) => r.state(),
         }
     }
+}
+
+/// A ring access failed because our side revoked the DMA port of the snapshot (a memory
+/// change retiring a host mapping closes it so blocked transfers fail fast) or the client
+/// went away: not the driver's fault, so not sticky. A bad address fails before any
+/// message (`Unmapped`) and a client refusal (`Refused`) stays sticky.
+fn is_revocation(e: &QueueError) -> bool {
+    matches!(
+        e,
+        QueueError::Memory(MemError::Dma(DmaError::Disconnected))
+            | QueueError::RingNotMapped {
+                err: MemError::Dma(DmaError::Disconnected),
+                ..
+            }
+    )
 }
 
 /// Check `addr` alignment for a ring part.

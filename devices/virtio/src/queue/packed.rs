@@ -133,6 +133,11 @@ impl PackedRing {
         self.notify_enabled = old.notify_enabled;
     }
 
+    /// No part is reached through a host pointer.
+    pub fn by_message(&self) -> bool {
+        !self.desc.is_host() && !self.driver.is_host() && !self.device.is_host()
+    }
+
     pub fn is_host(&self) -> bool {
         self.desc.is_host() && self.driver.is_host() && self.device.is_host()
     }

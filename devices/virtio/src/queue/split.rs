@@ -131,6 +131,11 @@ impl SplitRing {
         self.avail_cache = old.avail_cache;
     }
 
+    /// No part is reached through a host pointer.
+    pub fn by_message(&self) -> bool {
+        !self.desc.is_host() && !self.avail.is_host() && !self.used.is_host()
+    }
+
     pub fn is_host(&self) -> bool {
         self.desc.is_host() && self.avail.is_host() && self.used.is_host()
     }

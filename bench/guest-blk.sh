@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Guest fio benchmark: 4k random I/O from a real Linux guest (TCG) against
+#   ours-null   emudevd virtio-blk over vfio-user, null backend
+#   ours-file   emudevd virtio-blk over vfio-user, raw file in tmpfs (/dev/shm), buffered
+#   qemu-file   QEMU's built-in virtio-blk-pci on the same file (cache=writeback, aio=threads)
+# One guest boot per configuration runs every job RUNS times; fio's JSON comes back on the
+# console and is parsed on the host. While each job runs, the host samples CPU time of our
+# server and of QEMU from /proc/PID/stat.
+#
+# Usage: bench/guest-blk.sh OUTDIR      (needs root, the harness, and release emudevd in $BIN)
+# Environment (all optional):
+#   BIN          directory with emudevd             (default target/release)
+#   RUNTIME      seconds per fio run                (default 10)
+#   RAMP         fio ramp_time seconds              (default 2)
+#   RUNS         runs per job                       (default 3)
+#   JOBS         jobs, RW-qdN                       (default "randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1")
+#   CONFIGS      configurations                     (default "ours-null ours-file qemu-file")
+#   IMG_SIZE     size of the tmpfs image / null disk (default 1G)
+#   GUEST_CPUS   guest vCPUs                        (default 2)
+#   SERVER_ARGS  extra emudevd --device options, e.g. ",num-queues=2" (default none)
+# Writes OUTDIR/results.tsv (config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
+# guest_sys secs server_cpu_s qemu_cpu_s), OUTDIR/<config>.console.log and server logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${1:?usage: bench/guest-blk.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BIN=${BIN:-$ROOT/target/release}
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-2}
+RUNS=${RUNS:-3}
+JOBS=${JOBS:-randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1}
+CONFIGS=${CONFIGS:-ours-null ours-file qemu-file}
+IMG_SIZE=${IMG_SIZE:-1G}
+GUEST_CPUS=${GUEST_CPUS:-2}
+SERVER_ARGS=${SERVER_ARGS:-}
+SHARED_HARNESS=${SHARED_HARNESS:-$ROOT/../shared/harness}
+export HARNESS_DIR=${HARNESS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-harness}
+RUN_GUEST=$SHARED_HARNESS/run-guest.sh
+TICK=$(getconf CLK_TCK)
+
+log() { echo "[guest-blk $(date +%H:%M:%S)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (the guest harness does)"
+[ -x "$RUN_GUEST" ] || die "no harness at $SHARED_HARNESS"
+[ -x "$BIN/emudevd" ] || die "no $BIN/emudevd (build with cargo build --release -p emudevd)"
+[ -x "$HARNESS_DIR/bin/qemu-system-x86_64" ] || die "harness not set up ($SHARED_HARNESS/setup.sh)"
+
+WORK=$(mktemp -d /tmp/emudev-bench.XXXXXX)
+IMG=/dev/shm/emudev-bench-$$.img
+SRV=""
+cleanup() {
+    [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null
+    rm -rf "$WORK" "$IMG"
+}
+trap cleanup EXIT
+
+# cpu_ticks PID: utime+stime of all threads (fields 14 and 15 of /proc/PID/stat), 0 if gone.
+cpu_ticks() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }                       # drop "pid (comm) ", comm may contain spaces
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+
+# qemu_pid ROOTPID: the QEMU process below ROOTPID (run-guest -> timeout -> ld.so qemu).
+qemu_pid() {
+    local p kids
+    for p in $(pgrep -P "$1"); do
+        if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q 'qemu-system'; then
+            # The wrapper execs the loader, so this is QEMU unless it is `timeout`.
+            if [ "$(cat "/proc/$p/comm" 2>/dev/null)" != timeout ]; then echo "$p"; return; fi
+        fi
+        kids=$(qemu_pid "$p")
+        [ -n "$kids" ] && { echo "$kids"; return; }
+    done
+}
+
+# Wait (up to 15 min) for other engineers' guests to finish: one guest at a time.
+wait_for_quiet() {
+    local n=0
+    while pgrep -f 'qemu-system-x86_64' >/dev/null; do
+        [ $((n % 30)) = 0 ] && log "another guest is running; waiting for it to finish"
+        n=$((n + 1)); [ $n -gt 900 ] && die "a guest has been running for 15 min"
+        sleep 1
+    done
+}
+
+write_guest_script() {
+    cat >"$WORK/guest.sh" <<GUEST
+#!/bin/sh
+dev=/dev/vda
+[ -b \$dev ] || { echo "BENCH-ERROR no \$dev"; ls /sys/block; exit 10; }
+echo "BENCH-INFO sectors=\$(cat /sys/block/vda/size) sched=\$(cat /sys/block/vda/queue/scheduler) queues=\$(ls /sys/block/vda/mq | wc -l) nproc=\$(nproc)"
+for job in $JOBS; do
+    rw=\${job%-qd*}; qd=\${job#*-qd}
+    r=1
+    while [ \$r -le $RUNS ]; do
+        echo "BENCH-BEGIN \$job \$r"
+        fio --name=\$job --filename=\$dev --direct=1 --ioengine=libaio --rw=\$rw --bs=4k \
+            --iodepth=\$qd --numjobs=1 --time_based --runtime=$RUNTIME --ramp_time=$RAMP \
+            --norandommap --randrepeat=0 --output-format=json --output=/tmp/fio.json \
+            >/tmp/fio.err 2>&1
+        rc=\$?
+        echo "BENCH-END \$job \$r"
+        if [ \$rc != 0 ]; then echo "BENCH-ERROR fio rc \$rc"; cat /tmp/fio.err; exit 11; fi
+        echo "FIO-JSON-BEGIN \$job \$r"
+        cat /tmp/fio.json
+        echo "FIO-JSON-END \$job \$r"
+        r=\$((r + 1))
+    done
+done
+echo "BENCH-DONE"
+GUEST
+}
+
+# run_config NAME: one boot, all jobs. Appends to results.tsv.
+run_config() {
+    local cfg=$1 console=$OUT/$1.console.log marks=$WORK/$1.marks sock=$WORK/$1.sock
+    local args=() srvpid=""
+    rm -f "$console" "$marks"
+    case $cfg in
+        ours-null)
+            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" --device \
+                "virtio-blk,socket=$sock,backend=null,size=$IMG_SIZE$SERVER_ARGS" \
+                >"$OUT/$cfg.server.log" 2>&1 &
+            SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
+        ours-file)
+            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" --device \
+                "virtio-blk,socket=$sock,path=$IMG$SERVER_ARGS" \
+                >"$OUT/$cfg.server.log" 2>&1 &
+            SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
+        qemu-file)
+            args=(--qemu-arg -drive --qemu-arg "file=$IMG,if=none,id=d0,format=raw,cache=writeback,aio=threads"
+                  --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=d0,disable-legacy=on") ;;
+        *) die "unknown config $cfg" ;;
+    esac
+    log "$cfg: booting guest ($JOBS; $RUNS x ${RUNTIME}s each)"
+    local budget=$(( $(wc -w <<<"$JOBS") * RUNS * (RUNTIME + RAMP + 8) + 120 ))
+    "$RUN_GUEST" --script "$WORK/guest.sh" --log "$console" --cpus "$GUEST_CPUS" \
+        --timeout "$budget" "${args[@]}" >/dev/null 2>"$OUT/$cfg.run-guest.err" &
+    local rg=$!
+    # Watch the console: sample CPU times at each BEGIN/END marker.
+    local qpid="" line
+    while [ ! -e "$console" ] && kill -0 "$rg" 2>/dev/null; do sleep 0.1; done
+    tail -n +1 --pid="$rg" -F "$console" 2>/dev/null | while IFS= read -r line; do
+        line=${line%$'\r'}
+        case $line in
+            BENCH-BEGIN*|BENCH-END*)
+                [ -n "$qpid" ] || qpid=$(qemu_pid "$rg")
+                echo "$line $EPOCHREALTIME $( [ -n "$srvpid" ] && cpu_ticks "$srvpid" || echo 0) $( [ -n "$qpid" ] && cpu_ticks "$qpid" || echo 0)" >>"$marks"
+                case $line in BENCH-END*) log "$cfg: done ${line#BENCH-END }" ;; esac ;;
+            BENCH-ERROR*) log "$cfg: $line" ;;
+        esac
+    done
+    wait "$rg"; local rc=$?
+    if [ -n "$srvpid" ]; then
+        log "$cfg: server total CPU $(awk -v t="$(cpu_ticks "$srvpid")" -v k="$TICK" 'BEGIN{printf "%.1f s", t/k}')"
+        kill "$srvpid" 2>/dev/null; wait "$srvpid" 2>/dev/null; SRV=""
+    fi
+    [ "$rc" = 0 ] || { log "$cfg: guest failed (rc $rc); see $console"; tail -20 "$console" >&2; return 1; }
+    python3 "$ROOT/bench/parse_fio.py" "$cfg" "$console" "$marks" "$TICK" >>"$OUT/results.tsv" \
+        || { log "$cfg: could not parse results"; return 1; }
+}
+
+[ -n "$(find /dev/shm -maxdepth 0 -type d)" ] || die "no /dev/shm"
+truncate -s "$IMG_SIZE" "$IMG"
+# Allocate every page so reads hit real tmpfs pages rather than holes, for both sides.
+fallocate -l "$IMG_SIZE" "$IMG" 2>/dev/null || dd if=/dev/zero of="$IMG" bs=1M count="$(( $(stat -c %s "$IMG") >> 20 ))" conv=notrunc status=none
+write_guest_script
+printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\n' >"$OUT/results.tsv"
+fails=0
+for cfg in $CONFIGS; do
+    wait_for_quiet
+    uptime >"$OUT/$cfg.load-before"
+    run_config "$cfg" || fails=$((fails + 1))
+    uptime >"$OUT/$cfg.load-after"
+done
+[ "$fails" = 0 ] || die "$fails configuration(s) failed"
+log "results in $OUT/results.tsv"
