@@ -19,7 +19,8 @@
 #   GUEST_CPUS   guest vCPUs                        (default 2)
 #   SERVER_ARGS  extra emudevd --device options, e.g. ",num-queues=2" (default none)
 # Writes OUTDIR/results.tsv (config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
-# guest_sys secs server_cpu_s qemu_cpu_s), OUTDIR/<config>.console.log and server logs.
+# guest_sys secs server_cpu_s qemu_cpu_s, then our server's counters over the job when it has a
+# control socket: srv_requests kicks interrupts iterations sleeps sleep_s), OUTDIR/<config>.*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -94,7 +95,7 @@ write_guest_script() {
 #!/bin/sh
 dev=/dev/vda
 [ -b \$dev ] || { echo "BENCH-ERROR no \$dev"; ls /sys/block; exit 10; }
-echo "BENCH-INFO sectors=\$(cat /sys/block/vda/size) sched=\$(cat /sys/block/vda/queue/scheduler) queues=\$(ls /sys/block/vda/mq | wc -l) nproc=\$(nproc)"
+echo "BENCH-INFO kernel=\$(uname -r) fio=\$(fio --version) sectors=\$(cat /sys/block/vda/size) sched=\$(cat /sys/block/vda/queue/scheduler) queues=\$(ls /sys/block/vda/mq | wc -l) nproc=\$(nproc)"
 for job in $JOBS; do
     rw=\${job%-qd*}; qd=\${job#*-qd}
     r=1
@@ -120,16 +121,17 @@ GUEST
 # run_config NAME: one boot, all jobs. Appends to results.tsv.
 run_config() {
     local cfg=$1 console=$OUT/$1.console.log marks=$WORK/$1.marks sock=$WORK/$1.sock
-    local args=() srvpid=""
+    local args=() srvpid="" ctl=$WORK/$1.ctl ctlarg=()
+    "$BIN/emudevd" --help 2>&1 | grep -q -- '--control' && ctlarg=(--control "$ctl")
     rm -f "$console" "$marks"
     case $cfg in
         ours-null)
-            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" --device \
+            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,backend=null,size=$IMG_SIZE$SERVER_ARGS" \
                 >"$OUT/$cfg.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
         ours-file)
-            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" --device \
+            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,path=$IMG$SERVER_ARGS" \
                 >"$OUT/$cfg.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
@@ -151,7 +153,11 @@ run_config() {
         case $line in
             BENCH-BEGIN*|BENCH-END*)
                 [ -n "$qpid" ] || qpid=$(qemu_pid "$rg")
-                echo "$line $EPOCHREALTIME $( [ -n "$srvpid" ] && cpu_ticks "$srvpid" || echo 0) $( [ -n "$qpid" ] && cpu_ticks "$qpid" || echo 0)" >>"$marks"
+                t=$EPOCHREALTIME st=0 qt=0 cs="- - - - - -"
+                [ -n "$srvpid" ] && st=$(cpu_ticks "$srvpid")
+                [ -n "$qpid" ] && qt=$(cpu_ticks "$qpid")
+                [ -S "$ctl" ] && cs=$(python3 "$ROOT/bench/emudev_stats.py" "$ctl")
+                echo "$line $t $st $qt $cs" >>"$marks"
                 case $line in BENCH-END*) log "$cfg: done ${line#BENCH-END }" ;; esac ;;
             BENCH-ERROR*) log "$cfg: $line" ;;
         esac
@@ -171,7 +177,7 @@ truncate -s "$IMG_SIZE" "$IMG"
 # Allocate every page so reads hit real tmpfs pages rather than holes, for both sides.
 fallocate -l "$IMG_SIZE" "$IMG" 2>/dev/null || dd if=/dev/zero of="$IMG" bs=1M count="$(( $(stat -c %s "$IMG") >> 20 ))" conv=notrunc status=none
 write_guest_script
-printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\n' >"$OUT/results.tsv"
+printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tsleep_s\n' >"$OUT/results.tsv"
 fails=0
 for cfg in $CONFIGS; do
     wait_for_quiet

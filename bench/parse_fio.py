@@ -3,7 +3,8 @@
 
 usage: parse_fio.py CONFIG CONSOLE_LOG MARKS_FILE CLK_TCK
 Prints one TSV row per run: config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
-guest_sys secs server_cpu_s qemu_cpu_s (see bench/guest-blk.sh).
+guest_sys secs server_cpu_s qemu_cpu_s, plus srv_requests kicks interrupts iterations sleeps
+sleep_s when the marks carry emudevd counters ("-" where unknown; see bench/guest-blk.sh).
 """
 import json
 import re
@@ -31,8 +32,10 @@ def main():
     text = open(console, "rb").read().decode("utf-8", "replace").replace("\r", "")
     marks = {}
     for line in open(marks_file):
-        kind, job, run, t, srv, qemu = line.split()
-        marks[(kind, job, int(run))] = (float(t), int(srv), int(qemu))
+        f = line.split()
+        kind, job, run, t, srv, qemu = f[:6]
+        marks[(kind, job, int(run))] = (float(t), int(srv), int(qemu), f[6:])
+    extra = any(len(v[3]) == 6 for v in marks.values())
     n = 0
     for job, run, js in blocks(text):
         d = load(js)["jobs"][0]
@@ -46,10 +49,18 @@ def main():
             secs = e[0] - b[0]
             srv = (e[1] - b[1]) / tick
             qemu = (e[2] - b[2]) / tick
+        cols = []
+        if extra:
+            for i in range(6):
+                try:
+                    dv = int(e[3][i]) - int(b[3][i])
+                    cols.append(round(dv / 1e9, 3) if i == 5 else dv)
+                except (TypeError, ValueError, IndexError):
+                    cols.append("-")
         print(
             "\t".join(
                 str(x)
-                for x in (
+                for x in [
                     cfg, job, run,
                     round(r["iops"], 1),
                     round(r["lat_ns"]["mean"] / 1000, 1),
@@ -57,7 +68,8 @@ def main():
                     round(pct.get("99.000000", float("nan")) / 1000, 1),
                     round(d["usr_cpu"], 1), round(d["sys_cpu"], 1),
                     round(secs, 2), round(srv, 2), round(qemu, 2),
-                )
+                ]
+                + cols
             )
         )
         n += 1

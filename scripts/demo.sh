@@ -19,21 +19,35 @@ args=(--device "testdev,socket=$DIR/testdev.sock")
 if "$BIN/emudevd" --print-capabilities | grep -q '"virtio-blk"' && [ "${DEMO_BLK:-1}" = 1 ]; then
     args+=(--device "virtio-blk,socket=$DIR/vda.sock,path=$DIR/disk.img,num-queues=2")
 fi
+args+=(--control "$DIR/control.sock")
 RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" "${args[@]}" --pidfile "$DIR/emudevd.pid" &
 pid=$!
 for _ in $(seq 50); do [ -s "$DIR/emudevd.pid" ] && break; sleep 0.1; done
 [ -s "$DIR/emudevd.pid" ] || fail "emudevd did not become ready"
-echo "emudevd (pid $pid) serving: $(ls "$DIR"/*.sock | xargs -n1 basename | tr '\n' ' ')"
+echo "emudevd (pid $pid), control socket $DIR/control.sock"
+"$BIN/emudevctl" --control "$DIR/control.sock" query-devices
 
-for s in "$DIR"/*.sock; do
+for s in "$DIR"/testdev.sock "$DIR"/vda.sock; do
+    [ -S "$s" ] || continue
     step "inspect $(basename "$s") with our vfio-user client"
     "$BIN/lsvfio" "$s"
 done
 
 if [ -x "$BIN/demo-client" ]; then
     step "drive the devices"
-    "$BIN/demo-client" --testdev "$DIR/testdev.sock" ${args[2]:+--blk "$DIR/vda.sock"}
+    blk=()
+    [ -S "$DIR/vda.sock" ] && blk=(--blk "$DIR/vda.sock")
+    "$BIN/demo-client" --testdev "$DIR/testdev.sock" "${blk[@]}"
 fi
+
+step "hot add and remove a device through the control socket"
+"$BIN/emudevctl" --control "$DIR/control.sock" device-add "testdev,id=hot,socket=$DIR/hot.sock"
+"$BIN/demo-client" --quiet --testdev "$DIR/hot.sock" && echo "hot: driven"
+"$BIN/emudevctl" --control "$DIR/control.sock" device-del hot
+[ -e "$DIR/hot.sock" ] && fail "hot.sock left after device-del"
+
+step "statistics (emudevctl query-stats)"
+"$BIN/emudevctl" --control "$DIR/control.sock" query-stats
 
 step "stop emudevd (SIGTERM)"
 kill -TERM "$pid"; wait "$pid"; pid=""

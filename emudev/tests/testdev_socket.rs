@@ -302,7 +302,7 @@ fn a_panicking_device_fails_alone_and_devices_come_and_go() {
     let good = serve(&mgr, "sock-good");
     let bad = sock("crasher");
     let pci = PciDeviceBuilder::new(PciIds {
-        vendor_id: 0x1de5,
+        vendor_id: 0xe0de,
         device_id: 0xbad0,
         revision_id: 0,
         class_code: 0xff0000,

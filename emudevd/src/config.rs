@@ -444,11 +444,28 @@ mod tests {
     fn ids_name_devices() {
         let d = parse_device(2, "testdev,socket=s,id=td-1").unwrap();
         assert_eq!(d.name(), "td-1");
-        assert_eq!(parse_device(2, "testdev,socket=s").unwrap().name(), "testdev2");
+        assert_eq!(
+            parse_device(2, "testdev,socket=s").unwrap().name(),
+            "testdev2"
+        );
         let e = parse_device(0, "testdev,socket=s,id=a/b").unwrap_err();
         assert!(matches!(e, ConfigError::BadId { .. }), "{e}");
-        let e = parse_devices(&["testdev,socket=a,id=x".into(), "testdev,socket=b,id=x".into()]).unwrap_err();
-        assert!(matches!(e, ConfigError::NameReused { first: 0, second: 1, .. }), "{e}");
+        let e = parse_devices(&[
+            "testdev,socket=a,id=x".into(),
+            "testdev,socket=b,id=x".into(),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::NameReused {
+                    first: 0,
+                    second: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -87,7 +87,9 @@ fn str_arg<'a>(args: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str
     match args.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(CmdError::generic(format!("argument '{key}' must be a string"))),
+        Some(_) => Err(CmdError::generic(format!(
+            "argument '{key}' must be a string"
+        ))),
     }
 }
 
@@ -96,7 +98,11 @@ fn check_args(cmd: &str, args: &Map<String, Value>, known: &[&str]) -> Result<()
         None => Ok(()),
         Some(k) => Err(CmdError::generic(format!(
             "{cmd}: unknown argument '{k}' (known: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         ))),
     }
 }
@@ -196,7 +202,9 @@ fn stats_json(devs: &[DeviceStat], pollers: &[PollerStat]) -> Value {
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The statistics in the Prometheus text exposition format.
@@ -207,7 +215,12 @@ pub fn stats_prometheus(devs: &[DeviceStat], pollers: &[PollerStat]) -> String {
         let _ = writeln!(o, "# HELP {name} {help}");
         let _ = writeln!(o, "# TYPE {name} {kind}");
     };
-    family(&mut o, "emudev_device_state", "gauge", "1 for the device's current state.");
+    family(
+        &mut o,
+        "emudev_device_state",
+        "gauge",
+        "1 for the device's current state.",
+    );
     for d in devs {
         let _ = writeln!(
             o,
@@ -220,11 +233,23 @@ pub fn stats_prometheus(devs: &[DeviceStat], pollers: &[PollerStat]) -> String {
     type Field = fn(&crate::devices::QueueStat) -> u64;
     let queue_fields: [(&str, &str, Field); 6] = [
         ("requests", "Requests completed.", |q| q.requests),
-        ("read_bytes", "Bytes of read requests (backend to driver).", |q| q.read_bytes),
-        ("write_bytes", "Bytes of write requests (driver to backend).", |q| q.write_bytes),
-        ("errors", "Ring, I/O and malformed-request errors.", |q| q.errors),
+        (
+            "read_bytes",
+            "Bytes of read requests (backend to driver).",
+            |q| q.read_bytes,
+        ),
+        (
+            "write_bytes",
+            "Bytes of write requests (driver to backend).",
+            |q| q.write_bytes,
+        ),
+        ("errors", "Ring, I/O and malformed-request errors.", |q| {
+            q.errors
+        }),
         ("kicks", "Driver notifications.", |q| q.kicks),
-        ("interrupts", "Used-buffer interrupts raised.", |q| q.interrupts),
+        ("interrupts", "Used-buffer interrupts raised.", |q| {
+            q.interrupts
+        }),
     ];
     for (f, help, get) in queue_fields {
         let name = format!("emudev_queue_{f}_total");
@@ -242,7 +267,10 @@ pub fn stats_prometheus(devs: &[DeviceStat], pollers: &[PollerStat]) -> String {
             }
         }
     }
-    let mut names: Vec<&str> = devs.iter().flat_map(|d| d.counters.iter().map(|c| c.0)).collect();
+    let mut names: Vec<&str> = devs
+        .iter()
+        .flat_map(|d| d.counters.iter().map(|c| c.0))
+        .collect();
     names.sort_unstable();
     names.dedup();
     for c in names {
@@ -264,11 +292,31 @@ pub fn stats_prometheus(devs: &[DeviceStat], pollers: &[PollerStat]) -> String {
     }
     type PField = fn(&PollerStat) -> Option<f64>;
     let poller_fields: [(&str, &str, PField); 5] = [
-        ("emudev_poller_iterations_total", "Poll loop iterations.", |p| Some(p.iterations as f64)),
-        ("emudev_poller_sleeps_total", "Times the poller went to sleep.", |p| Some(p.sleeps as f64)),
-        ("emudev_poller_polling_seconds_total", "Time spent awake, polling.", |p| Some(secs(p.poll_ns))),
-        ("emudev_poller_sleeping_seconds_total", "Time spent asleep.", |p| Some(secs(p.sleep_ns))),
-        ("emudev_poller_cpu_seconds_total", "CPU time of the poller thread.", |p| p.cpu_ns.map(secs)),
+        (
+            "emudev_poller_iterations_total",
+            "Poll loop iterations.",
+            |p| Some(p.iterations as f64),
+        ),
+        (
+            "emudev_poller_sleeps_total",
+            "Times the poller went to sleep.",
+            |p| Some(p.sleeps as f64),
+        ),
+        (
+            "emudev_poller_polling_seconds_total",
+            "Time spent awake, polling.",
+            |p| Some(secs(p.poll_ns)),
+        ),
+        (
+            "emudev_poller_sleeping_seconds_total",
+            "Time spent asleep.",
+            |p| Some(secs(p.sleep_ns)),
+        ),
+        (
+            "emudev_poller_cpu_seconds_total",
+            "CPU time of the poller thread.",
+            |p| p.cpu_ns.map(secs),
+        ),
     ];
     for (name, help, get) in poller_fields {
         family(&mut o, name, "counter", help);
@@ -336,7 +384,11 @@ pub fn execute(reg: &Registry, cmd: &str, args: &Map<String, Value>) -> Result<V
             check_args(cmd, args, &["id", "name"])?;
             let name = match (str_arg(args, "id")?, str_arg(args, "name")?) {
                 (Some(n), None) | (None, Some(n)) => n,
-                _ => return Err(CmdError::generic("device-del: give exactly one of 'id' or 'name'")),
+                _ => {
+                    return Err(CmdError::generic(
+                        "device-del: give exactly one of 'id' or 'name'",
+                    ))
+                }
             };
             reg.remove(name)?;
             Ok(json!({}))
@@ -399,13 +451,20 @@ fn send(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
     stream.write_all(line.as_bytes())
 }
 
-/// Serve one client until it closes, a write fails, or a line is too long.
+/// Serve one client until it closes, a write fails, or a line is too long; then shut the
+/// connection down (the accept loop keeps a clone of the stream, so dropping is not enough).
 fn serve_client(reg: &Registry, mut stream: UnixStream) -> io::Result<()> {
+    let r = serve_lines(reg, &mut stream);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    r
+}
+
+fn serve_lines(reg: &Registry, stream: &mut UnixStream) -> io::Result<()> {
     let greeting = json!({
         "emudevd": {"version": env!("CARGO_PKG_VERSION"), "devices": reg.len()},
         "capabilities": [],
     });
-    send(&mut stream, &greeting)?;
+    send(stream, &greeting)?;
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -416,11 +475,11 @@ fn serve_client(reg: &Registry, mut stream: UnixStream) -> io::Result<()> {
                 continue;
             }
             let reply = handle_line(reg, line);
-            send(&mut stream, &reply)?;
+            send(stream, &reply)?;
         }
         if pending.len() > MAX_LINE {
             let e = CmdError::generic(format!("request line longer than {MAX_LINE} bytes"));
-            let _ = send(&mut stream, &error_value(&e));
+            let _ = send(stream, &error_value(&e));
             return Ok(());
         }
         let n = match stream.read(&mut buf) {
@@ -455,7 +514,9 @@ impl Control {
             let path = path.to_path_buf();
             move |source: io::Error| SocketError::Io { path, op, source }
         };
-        listener.set_nonblocking(true).map_err(io_err("set non-blocking"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("set non-blocking"))?;
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| io_err("eventfd")(e.into()));
         let wake = match wake {
@@ -492,7 +553,8 @@ impl Control {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let slots = std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
+        let slots =
+            std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
         for s in &slots {
             let _ = s.stream.shutdown(std::net::Shutdown::Both);
         }
@@ -598,15 +660,27 @@ mod tests {
         let r = reg();
         let e = handle_line(&r, b"{not json");
         assert_eq!(e["error"]["class"], "GenericError");
-        assert!(e["error"]["desc"].as_str().unwrap().starts_with("invalid JSON"));
-        assert_eq!(handle_line(&r, b"[1,2]")["error"]["desc"], "expected a JSON object");
+        assert!(e["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON"));
+        assert_eq!(
+            handle_line(&r, b"[1,2]")["error"]["desc"],
+            "expected a JSON object"
+        );
         assert_eq!(handle_line(&r, b"{}")["error"]["desc"], "missing 'execute'");
-        assert_eq!(handle_line(&r, b"\xff\xfe")["error"]["class"], "GenericError");
+        assert_eq!(
+            handle_line(&r, b"\xff\xfe")["error"]["class"],
+            "GenericError"
+        );
         let e = handle_line(&r, br#"{"execute":"launch-missiles","id":7}"#);
         assert_eq!(e["error"]["class"], "CommandNotFound");
         assert_eq!(e["id"], 7);
         let e = handle_line(&r, br#"{"execute":"query-devices","arguments":{"x":1}}"#);
-        assert!(e["error"]["desc"].as_str().unwrap().contains("unknown argument 'x'"));
+        assert!(e["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("unknown argument 'x'"));
         let e = handle_line(&r, br#"{"execute":"query-devices","arguments":[]}"#);
         assert_eq!(e["error"]["desc"], "'arguments' must be an object");
     }
@@ -639,7 +713,10 @@ mod tests {
         })))
         .unwrap();
         // serde_json's map is sorted by key.
-        assert_eq!(s, "virtio-blk,backend=null,num-queues=2,readonly=on,socket=/tmp/a.sock");
+        assert_eq!(
+            s,
+            "virtio-blk,backend=null,num-queues=2,readonly=on,socket=/tmp/a.sock"
+        );
         let e = spec_from_fields(&obj(json!({"type": "testdev", "socket": "a,b=c"}))).unwrap_err();
         assert!(e.desc.contains("','"));
         let e = spec_from_fields(&obj(json!({"type": "testdev", "size": -1}))).unwrap_err();
@@ -653,7 +730,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("emudevd-ctl-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let sock = dir.join("blk.sock");
-        let spec = format!("virtio-blk,id=vdb,socket={},backend=null,size=1M", sock.display());
+        let spec = format!(
+            "virtio-blk,id=vdb,socket={},backend=null,size=1M",
+            sock.display()
+        );
         let v = execute(&r, "device-add", &obj(json!({"spec": spec}))).unwrap();
         assert_eq!(v, json!({"name": "vdb"}));
         assert!(sock.exists());
@@ -667,7 +747,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.desc.contains("is used by device vdb"), "{}", e.desc);
-        let e = execute(&r, "device-add", &obj(json!({"spec": "testdev,socket=fd:3"}))).unwrap_err();
+        let e = execute(
+            &r,
+            "device-add",
+            &obj(json!({"spec": "testdev,socket=fd:3"})),
+        )
+        .unwrap_err();
         assert!(e.desc.contains("only for the command line"), "{}", e.desc);
 
         let list = execute(&r, "query-devices", &Map::new()).unwrap();
@@ -678,7 +763,12 @@ mod tests {
         assert_eq!(st["pollers"].as_array().unwrap().len(), 1);
         let p = execute(&r, "query-stats", &obj(json!({"format": "prometheus"}))).unwrap();
         let p = p.as_str().unwrap();
-        assert!(p.contains("emudev_queue_requests_total{device=\"vdb\",type=\"virtio-blk\",queue=\"0\"} 0"), "{p}");
+        assert!(
+            p.contains(
+                "emudev_queue_requests_total{device=\"vdb\",type=\"virtio-blk\",queue=\"0\"} 0"
+            ),
+            "{p}"
+        );
         assert!(p.contains("# TYPE emudev_poller_sleeping_seconds_total counter"));
         let e = execute(&r, "query-stats", &obj(json!({"format": "xml"}))).unwrap_err();
         assert!(e.desc.contains("xml"));
@@ -688,7 +778,10 @@ mod tests {
 
         execute(&r, "device-del", &obj(json!({"name": "vdb"}))).unwrap();
         assert!(!sock.exists());
-        assert_eq!(execute(&r, "query-devices", &Map::new()).unwrap(), json!([]));
+        assert_eq!(
+            execute(&r, "query-devices", &Map::new()).unwrap(),
+            json!([])
+        );
         let _ = std::fs::remove_dir(&dir);
     }
 }

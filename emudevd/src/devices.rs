@@ -71,7 +71,8 @@ pub fn prepare(spec: &DeviceSpec) -> Result<(), DeviceError> {
             kind: spec.kind.type_name(),
             reason,
         };
-        let md = std::fs::metadata(path).map_err(|e| build(format!("path {}: {e}", path.display())))?;
+        let md =
+            std::fs::metadata(path).map_err(|e| build(format!("path {}: {e}", path.display())))?;
         if !md.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()) {
             return Err(build(format!(
                 "path {}: not a regular file or block device",
@@ -237,10 +238,11 @@ impl Registry {
             });
         }
         prepare(&spec)?;
-        let listener = sockets::bind(&spec.socket, self.group).map_err(|source| DeviceError::Socket {
-            name: name.clone(),
-            source,
-        })?;
+        let listener =
+            sockets::bind(&spec.socket, self.group).map_err(|source| DeviceError::Socket {
+                name: name.clone(),
+                source,
+            })?;
         let path = spec.socket.clone();
         let r = self.insert(&mut map, spec, listener, Some(path.clone()));
         if r.is_err() {
@@ -454,7 +456,11 @@ fn blk_stats(
         .enumerate()
         .map(|(i, q)| {
             let qi = u16::try_from(i).unwrap_or(u16::MAX);
-            let bs = d.device().queue_stats(qi).map(|s| s.snapshot()).unwrap_or_default();
+            let bs = d
+                .device()
+                .queue_stats(qi)
+                .map(|s| s.snapshot())
+                .unwrap_or_default();
             QueueStat {
                 index: qi,
                 requests: bs.requests,
@@ -561,7 +567,8 @@ fn virtio_blk(
         queue_size: b.queue_size,
         ..BlkOptions::default()
     };
-    let dev = VirtioBlkDevice::new(backend.clone(), opts, pool.clone()).map_err(|e| e.to_string())?;
+    let dev =
+        VirtioBlkDevice::new(backend.clone(), opts, pool.clone()).map_err(|e| e.to_string())?;
     let pci = VirtioPciDevice::new(name, dev).map_err(|e| e.to_string())?;
     Ok((pci, backend))
 }

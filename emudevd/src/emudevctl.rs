@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 const USAGE: &str = "\
-usage: emudevctl --control PATH COMMAND [ARGS]
+usage: emudevctl --control PATH COMMAND [ARGS]   (or EMUDEV_CONTROL=PATH)
 
 Commands:
   query-devices [--json]                         served devices
@@ -58,7 +58,8 @@ impl Conn {
             source,
         };
         let s = UnixStream::connect(path).map_err(io)?;
-        s.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(io)?;
         let r = BufReader::new(s.try_clone().map_err(io)?);
         let mut c = Self {
             path: path.to_string(),
@@ -95,10 +96,12 @@ impl Conn {
     fn request_line(&mut self, line: &str) -> Result<Value, CtlError> {
         let mut l = line.trim_end().to_string();
         l.push('\n');
-        self.w.write_all(l.as_bytes()).map_err(|source| CtlError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.w
+            .write_all(l.as_bytes())
+            .map_err(|source| CtlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.read_line()
     }
 
@@ -140,14 +143,28 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 fn print_devices(v: &Value) {
     println!("{:<16} {:<12} {:<11} SOCKET", "NAME", "TYPE", "STATE");
     for d in v.as_array().into_iter().flatten() {
-        println!("{:<16} {:<12} {:<11} {}", s(d, "name"), s(d, "type"), s(d, "state"), s(d, "socket"));
+        println!(
+            "{:<16} {:<12} {:<11} {}",
+            s(d, "name"),
+            s(d, "type"),
+            s(d, "state"),
+            s(d, "socket")
+        );
     }
 }
 
 fn print_stats(v: &Value) {
     println!(
         "{:<16} {:<12} {:>5} {:>10} {:>12} {:>12} {:>7} {:>9} {:>10}",
-        "DEVICE", "TYPE", "QUEUE", "REQUESTS", "READ_BYTES", "WRITE_BYTES", "ERRORS", "KICKS", "INTERRUPTS"
+        "DEVICE",
+        "TYPE",
+        "QUEUE",
+        "REQUESTS",
+        "READ_BYTES",
+        "WRITE_BYTES",
+        "ERRORS",
+        "KICKS",
+        "INTERRUPTS"
     );
     let empty = Vec::new();
     for d in v["devices"].as_array().unwrap_or(&empty) {
@@ -208,7 +225,13 @@ fn run(argv: &[String]) -> Result<(), CtlError> {
                 println!("{USAGE}");
                 return Ok(());
             }
-            "--control" => control = Some(it.next().ok_or_else(|| usage("--control needs a path"))?.clone()),
+            "--control" => {
+                control = Some(
+                    it.next()
+                        .ok_or_else(|| usage("--control needs a path"))?
+                        .clone(),
+                )
+            }
             x if x.starts_with("--control=") => control = Some(x["--control=".len()..].to_string()),
             x => rest.push(x),
         }
@@ -246,7 +269,11 @@ fn run(argv: &[String]) -> Result<(), CtlError> {
                         let d = args.get(i).ok_or_else(|| usage("--device needs a name"))?;
                         a.insert("device".into(), json!(d));
                     }
-                    other => return Err(usage(&format!("query-stats: unexpected argument '{other}'"))),
+                    other => {
+                        return Err(usage(&format!(
+                            "query-stats: unexpected argument '{other}'"
+                        )))
+                    }
                 }
                 i += 1;
             }

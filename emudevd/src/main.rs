@@ -210,7 +210,16 @@ fn run() -> Result<(), String> {
         }
         sockets::check_path(c).map_err(|e| format!("--control: {e}"))?;
     }
-    for s in specs.iter().filter(|s| !s.socket.to_string_lossy().starts_with("fd:")) {
+    if let Some(p) = &args.pidfile {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            return Err(format!("--pidfile {}: no such directory", p.display()));
+        }
+    }
+    for s in specs
+        .iter()
+        .filter(|s| !s.socket.to_string_lossy().starts_with("fd:"))
+    {
         sockets::check_path(&s.socket).map_err(|e| format!("device {}: {e}", s.name()))?;
     }
 
@@ -219,9 +228,14 @@ fn run() -> Result<(), String> {
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGTERM);
     sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    sigs.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
 
-    let registry = Arc::new(devices::Registry::new(args.pollers, args.socket_group, specs.len())?);
+    let registry = Arc::new(devices::Registry::new(
+        args.pollers,
+        args.socket_group,
+        specs.len(),
+    )?);
     for s in &specs {
         let name = s.name();
         let sock = s.socket.display().to_string();

@@ -38,8 +38,13 @@ pub fn check_path(path: &Path) -> Result<(), SocketError> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    if !std::fs::metadata(dir).map_err(io_err(path, "directory"))?.is_dir() {
-        return Err(io_err(path, "directory")(io::Error::from(io::ErrorKind::NotADirectory)));
+    if !std::fs::metadata(dir)
+        .map_err(io_err(path, "directory"))?
+        .is_dir()
+    {
+        return Err(io_err(path, "directory")(io::Error::from(
+            io::ErrorKind::NotADirectory,
+        )));
     }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -398,7 +398,7 @@ mod tests {
         let cfg = testdev_config();
         let h = header(&cfg, &[4096, 0, 4096, 0, 4096, 0]);
         assert!(
-            h[0].starts_with("1de5:e0de  Unassigned class [ff00]"),
+            h[0].starts_with("e0de:e0de  Unassigned class [ff00]"),
             "{}",
             h[0]
         );

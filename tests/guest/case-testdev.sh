@@ -33,12 +33,12 @@ finish() { echo "TESTDEV: $MODE: $checks checks, $fails failed"; exit $((fails >
 
 dev=""
 for d in /sys/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor")" = 0x1de5 ] && [ "$(cat "$d/device")" = 0xe0de ] && dev=$d
+    [ "$(cat "$d/vendor")" = 0xe0de ] && [ "$(cat "$d/device")" = 0xe0de ] && dev=$d
 done
 echo "+ lspci -nn"; lspci -nn
-if [ -z "$dev" ]; then fail "device 1de5:e0de present"; finish; fi
+if [ -z "$dev" ]; then fail "device e0de:e0de present"; finish; fi
 bdf=${dev##*/}
-check "lspci -nn shows [1de5:e0de] at $bdf" sh -c "lspci -nn -s $bdf | grep -q '\[1de5:e0de\]'"
+check "lspci -nn shows [e0de:e0de] at $bdf" sh -c "lspci -nn -s $bdf | grep -q '\[e0de:e0de\]'"
 
 # BAR0 register access from user space (sysfs mmap; trapped REGION_READ/WRITE)
 id=$($M "$dev/resource0" read 0); echo "BAR0 ID = $id"

@@ -163,7 +163,8 @@ impl Pool {
     /// First fit of `pages` free pages, zeroed.
     fn alloc(&mut self, pages: usize) -> Option<(u64, *mut u8)> {
         let n = self.used.len();
-        let first = (0..n.checked_sub(pages)? + 1).find(|&i| !self.used[i..i + pages].contains(&true))?;
+        let first =
+            (0..n.checked_sub(pages)? + 1).find(|&i| !self.used[i..i + pages].contains(&true))?;
         self.used[first..first + pages].fill(true);
         // SAFETY: pages `first..first+pages` are inside the pool and now reserved for the
         // caller; nothing else references them.
@@ -237,7 +238,11 @@ thread_local! {
 }
 
 fn with_hal<R>(f: impl FnOnce(&mut HalState) -> R) -> R {
-    HAL.with(|h| f(h.borrow_mut().as_mut().expect("no GuestHal installed on this thread")))
+    HAL.with(|h| {
+        f(h.borrow_mut()
+            .as_mut()
+            .expect("no GuestHal installed on this thread"))
+    })
 }
 
 /// Installs a [`HalState`] for this thread; uninstalls it on drop. Declare it before the
@@ -589,7 +594,10 @@ impl Transport for InProcTransport {
 
     fn write_driver_features(&mut self, driver_features: u64) {
         self.wr(common::DRIVER_FEATURE_SELECT, &0u32.to_le_bytes());
-        self.wr(common::DRIVER_FEATURE, &(driver_features as u32).to_le_bytes());
+        self.wr(
+            common::DRIVER_FEATURE,
+            &(driver_features as u32).to_le_bytes(),
+        );
         self.wr(common::DRIVER_FEATURE_SELECT, &1u32.to_le_bytes());
         self.wr(
             common::DRIVER_FEATURE,
@@ -714,11 +722,20 @@ struct Rig {
 const IMAGE_LEN: usize = 1 << 20;
 
 fn rig(opts: BlkOptions, pollers: usize, ram_mib: u64) -> Rig {
+    rig_with(opts, pollers, ram_mib, true)
+}
+
+/// `msix`: MSI-X with one vector per queue plus config; otherwise INTx (`irqs[0]`).
+fn rig_with(opts: BlkOptions, pollers: usize, ram_mib: u64, msix: bool) -> Rig {
     let initial = pattern(IMAGE_LEN, 0xee);
     let image = TempImage::with_contents(&initial);
     let vectors = u32::from(opts.num_queues) + 1;
     let mut io = InProc::new(blk_device(&image, opts, pollers), ram_mib).unwrap();
-    let irqs = io.enable_msix(vectors).unwrap();
+    let irqs = if msix {
+        io.enable_msix(vectors).unwrap()
+    } else {
+        vec![io.enable_intx().unwrap()]
+    };
     Rig {
         io: Rc::new(RefCell::new(io)),
         irqs,
@@ -742,8 +759,9 @@ fn read_many<T: Transport>(
     for i in 0..n {
         // SAFETY: reqs/bufs/resps are not touched again until their completion below, and
         // outlive it; the vectors are not resized.
-        let t = unsafe { blk.read_blocks_nb(sectors[i], &mut reqs[i], &mut bufs[i], &mut resps[i]) }
-            .unwrap();
+        let t =
+            unsafe { blk.read_blocks_nb(sectors[i], &mut reqs[i], &mut bufs[i], &mut resps[i]) }
+                .unwrap();
         tokens.push(t);
     }
     let mut left = n;
@@ -756,8 +774,7 @@ fn read_many<T: Transport>(
         };
         let i = tokens.iter().position(|&t| t == tok).expect("known token");
         // SAFETY: the same buffers as submitted with this token.
-        unsafe { blk.complete_read_blocks(tok, &reqs[i], &mut bufs[i], &mut resps[i]) }
-            .unwrap();
+        unsafe { blk.complete_read_blocks(tok, &reqs[i], &mut bufs[i], &mut resps[i]) }.unwrap();
         assert_eq!(resps[i].status(), RespStatus::OK);
         tokens[i] = u16::MAX;
         left -= 1;
@@ -808,7 +825,10 @@ fn virtio_drivers_blk_reads_writes_and_flushes_a_raw_file() {
     let mut edge = vec![0u8; 2 * SECTOR_SIZE];
     blk.read_blocks(95, &mut edge).unwrap();
     assert_eq!(edge[..SECTOR_SIZE], big[31 * SECTOR_SIZE..]);
-    assert_eq!(edge[SECTOR_SIZE..], r.initial[96 * SECTOR_SIZE..97 * SECTOR_SIZE]);
+    assert_eq!(
+        edge[SECTOR_SIZE..],
+        r.initial[96 * SECTOR_SIZE..97 * SECTOR_SIZE]
+    );
     let mut s = vec![0u8; SECTOR_SIZE];
     blk.read_blocks(last, &mut s).unwrap();
     assert_eq!(s, tail);
@@ -852,7 +872,11 @@ fn virtio_drivers_blk_reads_writes_and_flushes_a_raw_file() {
 
     drop(blk);
     let (rings, bufs, shares) = hal.usage();
-    assert_eq!((rings, bufs), (0, 0), "every DMA page and bounce buffer returned");
+    assert_eq!(
+        (rings, bufs),
+        (0, 0),
+        "every DMA page and bounce buffer returned"
+    );
     assert!(shares > 20);
     // Reset: status reads 0 and the queue is stopped.
     let mut t = InProcTransport::new(r.io.clone(), false);
@@ -898,6 +922,53 @@ fn virtio_drivers_blk_over_message_memory() {
     drop(blk);
 }
 
+/// Without MSI-X: completions raise INTx and set ISR bit 0, which virtio-drivers'
+/// `ack_interrupt` reads (and so clears) through the ISR capability.
+#[test]
+fn virtio_drivers_blk_intx_and_isr() {
+    let _wd = Watchdog::start("virtio_drivers_blk_intx_and_isr");
+    let r = rig_with(BlkOptions::default(), 1, 4, false);
+    let ram = r.io.borrow().ram().clone();
+    let _hal = HalGuard::install(HalState {
+        rings: Pool::new(&ram, 0, 1 << 20, 256),
+        buffers: None,
+        bounce_offset: 0,
+        shares: 0,
+    });
+    let mut blk = VirtIOBlk::<GuestHal, _>::new(InProcTransport::new(r.io.clone(), false)).unwrap();
+    assert_eq!(
+        blk.ack_interrupt().bits(),
+        InterruptStatus::empty().bits(),
+        "nothing pending yet"
+    );
+    let data = pattern(4 * SECTOR_SIZE, 0x44);
+    blk.write_blocks(40, &data).unwrap();
+    assert!(r.irqs[0].wait(TIMEOUT) >= 1, "INTx raised");
+    assert_eq!(
+        blk.ack_interrupt().bits(),
+        InterruptStatus::QUEUE_INTERRUPT.bits()
+    );
+    assert_eq!(
+        blk.ack_interrupt().bits(),
+        InterruptStatus::empty().bits(),
+        "read clears the ISR"
+    );
+    r.io.borrow_mut().unmask_intx().unwrap();
+
+    let mut back = vec![0u8; data.len()];
+    blk.read_blocks(40, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert!(
+        r.irqs[0].wait(TIMEOUT) >= 1,
+        "INTx raised again after the EOI"
+    );
+    assert_eq!(
+        blk.ack_interrupt().bits(),
+        InterruptStatus::QUEUE_INTERRUPT.bits()
+    );
+    drop(blk);
+}
+
 /// A second driver instance takes over after a reset: the reset (asynchronous on our side)
 /// completes before status reads 0, the old rings are no longer used, and the new driver's
 /// rings at other guest addresses see the data the first one wrote.
@@ -933,9 +1004,18 @@ fn virtio_drivers_blk_reinitializes_after_reset() {
     let st = blk_stats(&r.io);
     assert_eq!((st.requests, st.flushes, st.io_errors), (4, 1, 0));
     let file = r.image.contents();
-    assert_eq!(file[10 * SECTOR_SIZE..11 * SECTOR_SIZE], data[..SECTOR_SIZE]);
-    assert_eq!(file[11 * SECTOR_SIZE..12 * SECTOR_SIZE], data[..SECTOR_SIZE]);
-    assert_eq!(file[12 * SECTOR_SIZE..18 * SECTOR_SIZE], data[2 * SECTOR_SIZE..]);
+    assert_eq!(
+        file[10 * SECTOR_SIZE..11 * SECTOR_SIZE],
+        data[..SECTOR_SIZE]
+    );
+    assert_eq!(
+        file[11 * SECTOR_SIZE..12 * SECTOR_SIZE],
+        data[..SECTOR_SIZE]
+    );
+    assert_eq!(
+        file[12 * SECTOR_SIZE..18 * SECTOR_SIZE],
+        data[2 * SECTOR_SIZE..]
+    );
     drop(blk);
     with_hal(|s| s.rings.free(hole.0, 8 * PAGE_SIZE));
     assert_eq!(hal.usage().0, 0);
@@ -1012,7 +1092,10 @@ fn virtio_drivers_queues_drive_every_blk_queue_at_once() {
         .collect();
     t.finish_init();
     assert!(t.get_status().contains(DeviceStatus::DRIVER_OK));
-    assert!(r.io.borrow().with_device(|d| (0..NQ).all(|q| d.queue_started(q))));
+    assert!(r
+        .io
+        .borrow()
+        .with_device(|d| (0..NQ).all(|q| d.queue_started(q))));
 
     // Queue q writes 4 runs of 2 sectors into its own 64-sector area.
     let area = |q: usize, i: usize| 256 + q * 64 + i * 8;
@@ -1090,11 +1173,7 @@ fn virtio_drivers_queues_drive_every_blk_queue_at_once() {
 
 /// Add every request to its queue (at most 16 descriptors per queue, direct), notify each
 /// queue once, and wait until all are used.
-fn run_all(
-    t: &mut InProcTransport,
-    queues: &mut [VirtQueue<GuestHal, 16>],
-    reqs: &mut [Pending],
-) {
+fn run_all(t: &mut InProcTransport, queues: &mut [VirtQueue<GuestHal, 16>], reqs: &mut [Pending]) {
     for p in reqs.iter_mut() {
         let q = &mut queues[p.queue];
         // SAFETY: the buffers live in `reqs`, which is neither moved nor touched until each

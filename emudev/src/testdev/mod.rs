@@ -1,6 +1,6 @@
 //! The test device: a small PCI function that exercises every part of the device layer.
 //!
-//! Identity: vendor 0x1de5, device 0xe0de, class 0xff0000 (see [`regs`]; QEMU's pci-testdev
+//! Identity: vendor 0xe0de, device 0xe0de, class 0xff0000 (see [`regs`]; QEMU's pci-testdev
 //! ids 0x1b36/0x0005 are taken, and an unassigned class keeps guest drivers away).
 //!
 //! - BAR0 (4 KiB): registers ([`regs`] has the map): magic, scratch, a trapped doorbell

@@ -80,8 +80,9 @@ pub const MSIX_VECTORS: u16 = 4;
 pub const MSIX_TABLE_OFFSET: u32 = 0;
 pub const MSIX_PBA_OFFSET: u32 = 0x800;
 
-/// PCI identity: vendor 0x1de5 (unassigned in the PCI ID database when chosen), device
-/// 0xe0de, class 0xff0000 ("unassigned class"), so no guest driver binds by accident.
-pub const VENDOR_ID: u16 = 0x1de5;
+/// PCI identity: vendor 0xe0de, device 0xe0de (a vendor absent from the pci.ids database;
+/// 0x1de5, used at first, is Eideticom's), class 0xff0000 ("unassigned class"), so no guest
+/// driver binds by accident.
+pub const VENDOR_ID: u16 = 0xe0de;
 pub const DEVICE_ID: u16 = 0xe0de;
 pub const CLASS_CODE: u32 = 0xff_0000;

@@ -792,7 +792,7 @@ mod tests {
 
     fn fake() -> (VfioUserAdapter<Fake>, Arc<Mutex<Calls>>) {
         let pci = PciDeviceBuilder::new(PciIds {
-            vendor_id: 0x1de5,
+            vendor_id: 0xe0de,
             device_id: 1,
             revision_id: 0,
             class_code: 0xff0000,

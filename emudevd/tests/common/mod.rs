@@ -101,7 +101,11 @@ impl Daemon {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return s;
             }
-            assert!(t0.elapsed() < WAIT, "emudevd did not exit; log:\n{}", self.log());
+            assert!(
+                t0.elapsed() < WAIT,
+                "emudevd did not exit; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -129,7 +133,12 @@ pub fn wait_listening(d: &mut Daemon, path: &Path) {
         if let Ok(Some(s)) = d.child.try_wait() {
             panic!("emudevd exited with {s}; log:\n{}", d.log());
         }
-        assert!(t0.elapsed() < WAIT, "{} never listened; log:\n{}", path.display(), d.log());
+        assert!(
+            t0.elapsed() < WAIT,
+            "{} never listened; log:\n{}",
+            path.display(),
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -33,15 +33,21 @@ fn parse(argv: &[String]) -> Result<Args, String> {
     let mut it = argv.iter();
     while let Some(f) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{f} needs a value"));
-        let num = |v: &String| v.parse::<u64>().map_err(|_| format!("{f} {v}: not a number"));
+        let num = |v: &String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{f} {v}: not a number"))
+        };
         match f.as_str() {
             "--blk" => a.blk = Some(val()?.into()),
             "--testdev" => a.testdev = Some(val()?.into()),
             "--sectors" => a.opts.sectors = num(val()?)?,
             "--request-sectors" => {
-                a.opts.sectors_per_request = u32::try_from(num(val()?)?).map_err(|_| "--request-sectors: too large")?
+                a.opts.sectors_per_request =
+                    u32::try_from(num(val()?)?).map_err(|_| "--request-sectors: too large")?
             }
-            "--depth" => a.opts.depth = u16::try_from(num(val()?)?).map_err(|_| "--depth: too large")?,
+            "--depth" => {
+                a.opts.depth = u16::try_from(num(val()?)?).map_err(|_| "--depth: too large")?
+            }
             "--quiet" => a.opts.verbose = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument '{other}'")),

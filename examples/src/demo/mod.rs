@@ -78,8 +78,8 @@ impl SharedRam {
     pub fn new(size: usize) -> Result<Self, DemoError> {
         let fd = emudev::transport::inproc::memfd("demo-ram", size as u64).step("memfd")?;
         let file = std::fs::File::from(fd.try_clone().step("memfd dup")?);
-        let map = MmapRegion::from_file(FileOffset::new(file, 0), size)
-            .map_err(|e| DemoError::Io {
+        let map =
+            MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| DemoError::Io {
                 step: "mmap guest RAM",
                 source: std::io::Error::other(e.to_string()),
             })?;
@@ -113,7 +113,8 @@ pub(crate) fn rd32(c: &mut Client, region: u32, off: u64) -> Result<u32, DemoErr
 }
 
 pub(crate) fn wr32(c: &mut Client, region: u32, off: u64, v: u32) -> Result<(), DemoError> {
-    c.region_write(region, off, &v.to_le_bytes()).step("REGION_WRITE")
+    c.region_write(region, off, &v.to_le_bytes())
+        .step("REGION_WRITE")
 }
 
 /// The demo's data pattern: every byte depends on the seed, the sector and its offset, so
@@ -189,7 +190,11 @@ mod tests {
         pattern(1, 10, &mut a);
         let mut b = vec![0u8; 512];
         pattern(1, 11, &mut b);
-        assert_eq!(&a[512..], &b[..], "same sector, same bytes whatever the request");
+        assert_eq!(
+            &a[512..],
+            &b[..],
+            "same sector, same bytes whatever the request"
+        );
         assert_ne!(&a[..512], &b[..]);
         let mut c = vec![0u8; 512];
         pattern(2, 11, &mut c);

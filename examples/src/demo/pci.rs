@@ -22,7 +22,9 @@ impl Config {
             .region_read(region_index::CONFIG, 0, 256)
             .step("read config space")?;
         if bytes.len() < 256 {
-            return Err(DemoError::Device("config space shorter than 256 bytes".into()));
+            return Err(DemoError::Device(
+                "config space shorter than 256 bytes".into(),
+            ));
         }
         let mut caps = Vec::new();
         // Status bit 4: capability list present.
@@ -79,7 +81,10 @@ pub fn enable_msix(c: &mut Client, cfg: &Config, vectors: u32) -> Result<Vec<Eve
         .map(|_| emudev::doorbell::new_eventfd())
         .collect::<Result<Vec<_>, _>>()
         .step("eventfd")?;
-    let fds: Vec<_> = evs.iter().map(|e| Some(std::os::fd::AsFd::as_fd(e))).collect();
+    let fds: Vec<_> = evs
+        .iter()
+        .map(|e| Some(std::os::fd::AsFd::as_fd(e)))
+        .collect();
     c.set_irqs(
         irq_index::MSIX,
         irq_set_flags::ACTION_TRIGGER,

@@ -31,7 +31,9 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// FNV-1a, 32 bits: computed here independently of the device.
 fn fnv1a(data: &[u8]) -> u32 {
-    data.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 fn wr64(c: &mut Client, off: u64, v: u64) -> Result<(), DemoError> {
@@ -39,14 +41,21 @@ fn wr64(c: &mut Client, off: u64, v: u64) -> Result<(), DemoError> {
     wr32(c, BAR, off + 4, (v >> 32) as u32)
 }
 
-fn dma(c: &mut Client, cmd: u32, irq: &emudev::pci::EventFd, what: &'static str) -> Result<(), DemoError> {
+fn dma(
+    c: &mut Client,
+    cmd: u32,
+    irq: &emudev::pci::EventFd,
+    what: &'static str,
+) -> Result<(), DemoError> {
     wr32(c, BAR, regs::DMA_CMD, cmd)?;
     if !wait_irq(irq, WAIT)? {
         return Err(DemoError::Timeout(what));
     }
     match rd32(c, BAR, regs::DMA_STATUS)? {
         regs::DMA_STATUS_DONE => Ok(()),
-        s => Err(DemoError::Device(format!("{what}: DMA status {s} after the interrupt"))),
+        s => Err(DemoError::Device(format!(
+            "{what}: DMA status {s} after the interrupt"
+        ))),
     }
 }
 
@@ -56,7 +65,10 @@ pub fn run(path: &Path, verbose: bool) -> Result<TestdevReport, DemoError> {
     c.negotiate().step("negotiate")?;
     let id = rd32(&mut c, BAR, regs::ID)?;
     if id != regs::MAGIC {
-        return Err(DemoError::Device(format!("ID register {id:#x}, expected {:#x}", regs::MAGIC)));
+        return Err(DemoError::Device(format!(
+            "ID register {id:#x}, expected {:#x}",
+            regs::MAGIC
+        )));
     }
     let ram = SharedRam::new(RAM)?;
     ram.dma_map(&mut c)?;
@@ -80,13 +92,17 @@ pub fn run(path: &Path, verbose: bool) -> Result<TestdevReport, DemoError> {
         .map_err(|e| DemoError::Device(e.to_string()))?;
     let want = FILL_PATTERN.to_le_bytes();
     if got[..4] != [0; 4] || got[FILL_LEN as usize + 4..] != [0; 4] {
-        return Err(DemoError::Mismatch("DMA FILL wrote outside its buffer".into()));
+        return Err(DemoError::Mismatch(
+            "DMA FILL wrote outside its buffer".into(),
+        ));
     }
     if let Some(i) = got[4..FILL_LEN as usize + 4]
         .chunks(4)
         .position(|w| w != want)
     {
-        return Err(DemoError::Mismatch(format!("DMA FILL: word {i} is not the pattern")));
+        return Err(DemoError::Mismatch(format!(
+            "DMA FILL: word {i} is not the pattern"
+        )));
     }
     if verbose {
         println!("testdev: DMA FILL of {FILL_LEN} bytes verified, MSI-X vector 1 fired");

@@ -35,7 +35,7 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 
-#define TD_VENDOR 0x1de5
+#define TD_VENDOR 0xe0de
 #define TD_DEVICE 0xe0de
 #define TD_MAGIC 0xe0de7e57
 
