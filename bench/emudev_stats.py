@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Print emudevd's counters as one line: requests kicks interrupts iterations sleeps sleep_ns.
+"""Print emudevd's counters as one line: requests kicks interrupts iterations sleeps
+poller_cpu_ns.
 
 usage: emudev_stats.py CONTROL_SOCKET   (emudevd --control; prints "- - - - - -" on failure)
 Sums every queue of every device and every poller thread (`query-stats`).
@@ -27,7 +28,7 @@ def main():
             sum(x["interrupts"] for x in q),
             sum(x["iterations"] for x in p),
             sum(x["sleeps"] for x in p),
-            sum(x["sleep_ns"] for x in p),
+            sum(x.get("cpu_ns") or 0 for x in p),
         ]
         print(" ".join(str(v) for v in vals))
     except (OSError, ValueError, KeyError, TypeError):

@@ -20,7 +20,7 @@
 #   SERVER_ARGS  extra emudevd --device options, e.g. ",num-queues=2" (default none)
 # Writes OUTDIR/results.tsv (config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
 # guest_sys secs server_cpu_s qemu_cpu_s, then our server's counters over the job when it has a
-# control socket: srv_requests kicks interrupts iterations sleeps sleep_s), OUTDIR/<config>.*.
+# control socket: srv_requests kicks interrupts iterations sleeps poller_cpu_s), OUTDIR/<config>.*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -177,7 +177,7 @@ truncate -s "$IMG_SIZE" "$IMG"
 # Allocate every page so reads hit real tmpfs pages rather than holes, for both sides.
 fallocate -l "$IMG_SIZE" "$IMG" 2>/dev/null || dd if=/dev/zero of="$IMG" bs=1M count="$(( $(stat -c %s "$IMG") >> 20 ))" conv=notrunc status=none
 write_guest_script
-printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tsleep_s\n' >"$OUT/results.tsv"
+printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tpoller_cpu_s\n' >"$OUT/results.tsv"
 fails=0
 for cfg in $CONFIGS; do
     wait_for_quiet

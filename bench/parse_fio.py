@@ -4,7 +4,7 @@
 usage: parse_fio.py CONFIG CONSOLE_LOG MARKS_FILE CLK_TCK
 Prints one TSV row per run: config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
 guest_sys secs server_cpu_s qemu_cpu_s, plus srv_requests kicks interrupts iterations sleeps
-sleep_s when the marks carry emudevd counters ("-" where unknown; see bench/guest-blk.sh).
+poller_cpu_s when the marks carry emudevd counters ("-" where unknown; see bench/guest-blk.sh).
 """
 import json
 import re

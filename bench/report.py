@@ -147,8 +147,8 @@ def guest_section(out, env, lines):
         ours = [c for c in cfgs if not c.startswith("qemu")]
         if any(r.get("srv_requests") for c in ours for r in by.get((c, job), [])):
             lines.append("Our server's counters over the job (from `emudevd --control` `query-stats`), per request:\n")
-            lines.append("| config | kicks / req | interrupts / req | poller iterations / req | poller sleeps / s | poller asleep % |")
-            lines.append("|---|---|---|---|---|---|")
+            lines.append("| config | kicks / req | interrupts / req | poller iterations / req | poller sleeps / req | poller thread CPU % | other server threads CPU % |")
+            lines.append("|---|---|---|---|---|---|---|")
             for c in ours:
                 rs = [r for r in by.get((c, job), []) if r.get("srv_requests")]
                 if not rs:
@@ -156,8 +156,9 @@ def guest_section(out, env, lines):
                 per = lambda k: [r[k] / r["srv_requests"] for r in rs]
                 lines.append(
                     f"| {c} | {mmm(per('kicks'), '{:.3f}')} | {mmm(per('interrupts'), '{:.3f}')} "
-                    f"| {mmm(per('iterations'), '{:.1f}')} | {mmm([r['sleeps'] / r['secs'] for r in rs], '{:.0f}')} "
-                    f"| {mmm([100 * r['sleep_s'] / r['secs'] for r in rs], '{:.0f}')} |"
+                    f"| {mmm(per('iterations'), '{:.1f}')} | {mmm(per('sleeps'), '{:.3f}')} "
+                    f"| {mmm([100 * r['poller_cpu_s'] / r['secs'] for r in rs], '{:.0f}')} "
+                    f"| {mmm([100 * (r['server_cpu_s'] - r['poller_cpu_s']) / r['secs'] for r in rs], '{:.0f}')} |"
                 )
             lines.append("")
     # Ratios against the built-in device.

@@ -12,6 +12,10 @@
 //!
 //! On top of that, `VirtIOBlk` (one queue) and a small multi-queue driver built from
 //! virtio-drivers' `VirtQueue` run requests against a raw image file and the file is checked.
+//!
+//! Our transport waits for a reset to complete (status reads 0) before going on, as the spec
+//! requires and Linux does; virtio-drivers' own PCI transport does not, which matters here
+//! because our reset completes asynchronously.
 
 use std::cell::{RefCell, RefMut};
 use std::fs::File;
@@ -711,9 +715,11 @@ impl Transport for InProcTransport {
 
 // ---- tests ------------------------------------------------------------------------------
 
-/// Everything one test needs, in drop order: driver users first, then the Hal, then memory.
+/// A blk device on a 1 MiB image (its initial content kept), attached in-process. Fields
+/// drop in order: the device (which holds the file) before the image is removed.
 struct Rig {
     io: Rc<RefCell<InProc<Dev>>>,
+    /// MSI-X vectors 0 (config) and 1 + queue, or INTx alone.
     irqs: Vec<IrqWaiter>,
     image: TempImage,
     initial: Vec<u8>,
