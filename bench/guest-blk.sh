@@ -12,15 +12,17 @@
 #   BIN          directory with emudevd             (default target/release)
 #   RUNTIME      seconds per fio run                (default 10)
 #   RAMP         fio ramp_time seconds              (default 2)
-#   RUNS         runs per job                       (default 3)
+#   RUNS         runs per job                       (default 5)
 #   JOBS         jobs, RW-qdN                       (default "randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1")
 #   CONFIGS      configurations                     (default "ours-null ours-file qemu-file")
 #   IMG_SIZE     size of the tmpfs image / null disk (default 1G)
 #   GUEST_CPUS   guest vCPUs                        (default 2)
 #   SERVER_ARGS  extra emudevd --device options, e.g. ",num-queues=2" (default none)
+#   SERVER_WRAP  command prefix for emudevd, e.g. "chrt -f 1" or "taskset -c 1" (default none)
 # Writes OUTDIR/results.tsv (config job run iops lat_mean_us lat_p50_us lat_p99_us guest_usr
 # guest_sys secs server_cpu_s qemu_cpu_s, then our server's counters over the job when it has a
-# control socket: srv_requests kicks interrupts iterations sleeps poller_cpu_s), OUTDIR/<config>.*.
+# control socket: srv_requests kicks interrupts iterations sleeps poller_cpu_s; other_guests: QEMU
+# processes not ours seen at the job's start or end), OUTDIR/<config>.*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,12 +32,13 @@ OUT=$(cd "$OUT" && pwd)
 BIN=${BIN:-$ROOT/target/release}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 JOBS=${JOBS:-randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1}
 CONFIGS=${CONFIGS:-ours-null ours-file qemu-file}
 IMG_SIZE=${IMG_SIZE:-1G}
 GUEST_CPUS=${GUEST_CPUS:-2}
 SERVER_ARGS=${SERVER_ARGS:-}
+read -r -a WRAP <<<"${SERVER_WRAP:-}"
 SHARED_HARNESS=${SHARED_HARNESS:-$ROOT/../shared/harness}
 export HARNESS_DIR=${HARNESS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-harness}
 RUN_GUEST=$SHARED_HARNESS/run-guest.sh
@@ -80,6 +83,17 @@ qemu_pid() {
     done
 }
 
+# other_guests OURPID: QEMU processes running besides ours (another engineer's guest skews us).
+other_guests() {
+    local n=0 p
+    for p in $(pgrep -f 'qemu-system'); do
+        [ "$p" = "$1" ] && continue
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = timeout ] && continue
+        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- '-kernel' && n=$((n + 1))
+    done
+    echo $n
+}
+
 # Wait (up to 15 min) for other engineers' guests to finish: one guest at a time.
 wait_for_quiet() {
     local n=0
@@ -114,6 +128,7 @@ for job in $JOBS; do
         r=\$((r + 1))
     done
 done
+grep -E 'virtio|vfio|CPU' /proc/interrupts | sed 's/^/BENCH-IRQ /'
 echo "BENCH-DONE"
 GUEST
 }
@@ -126,12 +141,12 @@ run_config() {
     rm -f "$console" "$marks"
     case $cfg in
         ours-null)
-            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
+            RUST_LOG=${RUST_LOG:-warn} ${WRAP[@]+"${WRAP[@]}"} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,backend=null,size=$IMG_SIZE$SERVER_ARGS" \
                 >"$OUT/$cfg.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
         ours-file)
-            RUST_LOG=${RUST_LOG:-warn} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
+            RUST_LOG=${RUST_LOG:-warn} ${WRAP[@]+"${WRAP[@]}"} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,path=$IMG$SERVER_ARGS" \
                 >"$OUT/$cfg.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
@@ -157,7 +172,7 @@ run_config() {
                 [ -n "$srvpid" ] && st=$(cpu_ticks "$srvpid")
                 [ -n "$qpid" ] && qt=$(cpu_ticks "$qpid")
                 [ -S "$ctl" ] && cs=$(python3 "$ROOT/bench/emudev_stats.py" "$ctl")
-                echo "$line $t $st $qt $cs" >>"$marks"
+                echo "$line $t $st $qt $cs $(other_guests "$qpid")" >>"$marks"
                 case $line in BENCH-END*) log "$cfg: done ${line#BENCH-END }" ;; esac ;;
             BENCH-ERROR*) log "$cfg: $line" ;;
         esac
@@ -177,7 +192,7 @@ truncate -s "$IMG_SIZE" "$IMG"
 # Allocate every page so reads hit real tmpfs pages rather than holes, for both sides.
 fallocate -l "$IMG_SIZE" "$IMG" 2>/dev/null || dd if=/dev/zero of="$IMG" bs=1M count="$(( $(stat -c %s "$IMG") >> 20 ))" conv=notrunc status=none
 write_guest_script
-printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tpoller_cpu_s\n' >"$OUT/results.tsv"
+printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tpoller_cpu_s\tother_guests\n' >"$OUT/results.tsv"
 fails=0
 for cfg in $CONFIGS; do
     wait_for_quiet

@@ -35,7 +35,7 @@ def main():
         f = line.split()
         kind, job, run, t, srv, qemu = f[:6]
         marks[(kind, job, int(run))] = (float(t), int(srv), int(qemu), f[6:])
-    extra = any(len(v[3]) == 6 for v in marks.values())
+    extra = any(len(v[3]) >= 6 for v in marks.values())
     n = 0
     for job, run, js in blocks(text):
         d = load(js)["jobs"][0]
@@ -57,6 +57,11 @@ def main():
                     cols.append(round(dv / 1e9, 3) if i == 5 else dv)
                 except (TypeError, ValueError, IndexError):
                     cols.append("-")
+        if extra:
+            try:
+                cols.append(max(int(b[3][6]), int(e[3][6])))
+            except (TypeError, ValueError, IndexError):
+                cols.append("-")
         print(
             "\t".join(
                 str(x)

@@ -122,6 +122,12 @@ def guest_section(out, env, lines):
     lines.append("- `qemu-file`: QEMU's built-in `virtio-blk-pci,disable-legacy=on` on the same image, "
                  "`-drive ...,format=raw,cache=writeback,aio=threads` (QEMU's defaults; buffered, like ours), "
                  "no iothread (QEMU's default).\n")
+    busy = [r for r in rows if r.get("other_guests")]
+    if busy:
+        lines.append(f"**{len(busy)} of {len(rows)} runs overlapped with another guest on the machine** "
+                     "(another engineer's test): " + ", ".join(f"{r['config']}/{r['job']}#{int(float(r['run']))}" for r in busy) + ".\n")
+    else:
+        lines.append("No other guest ran on the machine during any run (checked at each run's start and end).\n")
     lines.append("CPU columns: host CPU time of our server / of the QEMU process while the job ran "
                  "(`/proc/PID/stat` utime+stime between the BEGIN/END markers, ramp included), "
                  "as % of one core and as µs per I/O.\n")

@@ -8,8 +8,8 @@
 #   --quick         short runs to check the setup (not for the docs): 3 s fio, 1 run, 2 jobs
 # Run lengths (environment):
 #   CORE_RUNS (7), CORE_REQUESTS (256000 per run), CORE_BURST (32), CG_REQUESTS (32000)
-#   RUNTIME (10 s per fio run), RAMP (2), RUNS (3), JOBS, CONFIGS, IMG_SIZE: see bench/guest-blk.sh
-# Defaults take about 12 minutes on a 2-core machine (the guest part about 9).
+#   RUNTIME (10 s per fio run), RAMP (2), RUNS (5), JOBS, CONFIGS, IMG_SIZE: see bench/guest-blk.sh
+# Defaults take about 17 minutes on a 2-core machine (the guest part about 14).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,7 +29,7 @@ CORE_RUNS=${CORE_RUNS:-7}
 CORE_REQUESTS=${CORE_REQUESTS:-256000}
 CORE_BURST=${CORE_BURST:-32}
 CG_REQUESTS=${CG_REQUESTS:-32000}
-export RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2} RUNS=${RUNS:-3}
+export RUNTIME=${RUNTIME:-10} RAMP=${RAMP:-2} RUNS=${RUNS:-5}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$ROOT/target/bench-report
 T0=$(date +%s)

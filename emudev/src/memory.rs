@@ -15,6 +15,11 @@ use emudev_vfio_user::{DmaError, DmaPort, DmaRegion};
 use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+/// End of the x86 legacy first MiB (real-mode memory, boot sectors, option ROMs). The
+/// vfio-user transport reaches guest memory below it by messages, see
+/// [`GuestMemory::from_dma_messages_below`].
+pub const LEGACY_LOW_MEM_END: u64 = 0x10_0000;
+
 /// Why a guest-memory access failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemError {
@@ -86,6 +91,25 @@ impl GuestMemory {
     /// overflow, or whose mapping is smaller than claimed are left out (the protocol table
     /// already rejects those; this keeps the snapshot sound on its own).
     pub fn from_dma(table: &[DmaRegion], port: Option<DmaPort>) -> Self {
+        Self::from_dma_messages_below(table, port, 0)
+    }
+
+    /// Like [`GuestMemory::from_dma`], but with a port, the fd-backed memory below
+    /// `message_below` is reached through DMA_READ/DMA_WRITE messages instead of our mmap.
+    ///
+    /// Why (issue 11, firmware boot under TCG): QEMU's TCG drops translated code only for
+    /// pages it sees written, and a write through our own mapping of the shared memfd is
+    /// invisible to it. Boot code loads code over code it already ran below 1 MiB (SeaBIOS
+    /// reads the MBR to 0x7c00, the MBR then reads the partition's boot sector to 0x7c00),
+    /// so an mmap write there leaves the vCPU running the stale translation. A DMA_WRITE is
+    /// done by QEMU itself, which invalidates it. Linux keeps its first MiB out of use, so
+    /// this costs nothing after boot.
+    pub fn from_dma_messages_below(
+        table: &[DmaRegion],
+        port: Option<DmaPort>,
+        message_below: u64,
+    ) -> Self {
+        let message_below = if port.is_some() { message_below } else { 0 };
         let mut regions: Vec<GuestRegion> = Vec::with_capacity(table.len());
         let mut sorted: Vec<&DmaRegion> = table.iter().collect();
         sorted.sort_by_key(|r| r.iova);
@@ -115,11 +139,39 @@ impl GuestMemory {
                 }
                 None => Backing::Message,
             };
+            let (readable, writable) = (r.readable(), r.writable());
+            let mut start = r.iova;
+            if r.iova < message_below && matches!(backing, Backing::Mapped { .. }) {
+                // The low part by messages, the rest (if any) still through the mapping.
+                let cut = end.min(message_below);
+                regions.push(GuestRegion {
+                    start,
+                    len: cut - start,
+                    readable,
+                    writable,
+                    backing: Backing::Message,
+                });
+                if cut == end {
+                    continue;
+                }
+                start = cut;
+            }
+            let backing = match backing {
+                Backing::Mapped { mapping, offset } => {
+                    // cut - iova < size, which fits `offset + size` (checked above).
+                    let skip = (start - r.iova) as usize;
+                    Backing::Mapped {
+                        mapping,
+                        offset: offset + skip,
+                    }
+                }
+                Backing::Message => Backing::Message,
+            };
             regions.push(GuestRegion {
-                start: r.iova,
-                len: end - r.iova,
-                readable: r.readable(),
-                writable: r.writable(),
+                start,
+                len: end - start,
+                readable,
+                writable,
                 backing,
             });
         }
@@ -472,6 +524,39 @@ mod tests {
             mem.read(0x2000, &mut [0u8; 4]),
             Err(MemError::Dma(DmaError::Disconnected))
         ));
+    }
+
+    #[test]
+    fn low_memory_goes_through_messages_when_asked() {
+        let a = anon(0x3000);
+        a.as_volatile_slice().write_obj(0x55u8, 0x2000).unwrap();
+        let port = Arc::new(FakePort {
+            mem: Mutex::new(vec![0; 0x2000]),
+            base: 0,
+            log: Mutex::new(Vec::new()),
+        });
+        // One map straddling the limit at 0x2000: [0, 0x2000) by message, the rest mapped
+        // at the right offset.
+        let table = [mapped(0x0, 0x3000, RW, &a, 0)];
+        let mem =
+            GuestMemory::from_dma_messages_below(&table, Some(DmaPort::new(port.clone())), 0x2000);
+        assert_eq!(mem.region_count(), 2);
+        mem.write(0x1ffe, &[9u8; 4]).unwrap();
+        assert_eq!(port.log.lock().unwrap().as_slice(), &[(true, 0x1ffe, 2)]);
+        assert_eq!(a.as_volatile_slice().read_obj::<u8>(0x1ffe).unwrap(), 0);
+        assert_eq!(
+            a.as_volatile_slice().read_obj::<u16>(0x2000).unwrap(),
+            0x0909
+        );
+        assert!(matches!(
+            mem.slice(0x1000, 16, Access::Write),
+            Err(MemError::NotMappable { .. })
+        ));
+        assert!(mem.slice(0x2800, 16, Access::Write).is_ok());
+        // Without a port nothing changes: everything stays mapped.
+        let mem = GuestMemory::from_dma_messages_below(&table, None, 0x2000);
+        assert!(mem.all_mapped());
+        assert_eq!(mem.region_count(), 1);
     }
 
     #[test]

@@ -336,6 +336,11 @@ impl Registry {
         lock(&self.devices).len()
     }
 
+    /// True when no device is served.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.devices).is_empty()
+    }
+
     pub fn list(&self) -> Vec<DeviceInfo> {
         lock(&self.devices)
             .iter()

@@ -4,11 +4,7 @@
 //! `--socket-path` / `--fd` for a single device, `--print-capabilities`, SIGTERM/SIGINT for
 //! a clean stop, and `sd_notify` READY=1 once every socket listens.
 
-mod config;
-mod control;
-mod devices;
-mod notify;
-mod sockets;
+use emudevd::{config, control, devices, notify, sockets};
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Builds the guest kernel module tests/guest/testdev-driver (emudev_testdev.ko) for the
-# harness guest kernel, inside the harness rootfs (chroot), and copies it to
-# target/guest/emudev_testdev.ko. Installs the kernel headers, gcc and make into the rootfs
-# first when they are missing. Skips the build when the sources and kernel are unchanged.
-# Needs root and a harness made by setup.sh.
-#   HARNESS_DIR  harness directory (default ~/.cache/emudev-harness)
+# guest kernel, inside the guest cache's rootfs (chroot), and copies it to
+# target/guest/emudev_testdev.ko. `emudev-guest setup` installs the kernel headers, gcc and
+# make there (guest.conf build_packages); this script installs them only if they are missing.
+# Skips the build when the sources and kernel are unchanged.
+# Needs root and a cache made by tests/guest/emudev-guest setup.
+#   EMUDEV_GUEST_DIR  the guest cache (default ~/.cache/emudev-guest)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SRC=$ROOT/tests/guest/testdev-driver
 OUT=$ROOT/target/guest
-HARNESS_DIR=${HARNESS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-harness}
-ROOTFS=$HARNESS_DIR/rootfs
+GUEST_DIR=${EMUDEV_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-guest}
+ROOTFS=$GUEST_DIR/rootfs
 log() { printf '[build-testdev-driver] %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "needs root (chroot)"; exit 1; }
-[ -x "$ROOTFS/usr/bin/apt-get" ] || { log "no rootfs at $ROOTFS: run the harness setup.sh"; exit 1; }
-if [ -s "$HARNESS_DIR/kernel-version" ]; then
-    KVER=$(cat "$HARNESS_DIR/kernel-version")
-else   # the newest kernel installed in the rootfs, which setup.sh boots
+[ -x "$ROOTFS/usr/bin/apt-get" ] || { log "no rootfs at $ROOTFS: run tests/guest/emudev-guest setup"; exit 1; }
+if [ -s "$GUEST_DIR/kernel-version" ]; then
+    KVER=$(cat "$GUEST_DIR/kernel-version")
+else   # the newest kernel installed in the rootfs, which the guest boots
     KVER=$(ls "$ROOTFS/lib/modules" | sort -V | tail -1)
 fi
 [ -n "$KVER" ] || { log "cannot tell the guest kernel version"; exit 1; }
@@ -45,11 +46,11 @@ missing=$(for p in "linux-headers-$KVER" gcc make; do
     in_root dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || echo "$p"
 done)
 if [ -n "$missing" ]; then
-    log "installing into the rootfs: $(echo $missing) (log: $HARNESS_DIR/apt-testdev.log)"
+    log "installing into the rootfs: $(echo $missing) (log: $GUEST_DIR/apt-testdev.log)"
     { in_root apt-get -q update &&
       in_root apt-get -y -q --no-install-recommends install $missing &&
-      in_root apt-get clean; } >"$HARNESS_DIR/apt-testdev.log" 2>&1 ||
-        { tail -20 "$HARNESS_DIR/apt-testdev.log" >&2; exit 1; }
+      in_root apt-get clean; } >"$GUEST_DIR/apt-testdev.log" 2>&1 ||
+        { tail -20 "$GUEST_DIR/apt-testdev.log" >&2; exit 1; }
 fi
 [ -d "$ROOTFS/usr/src/linux-headers-$KVER" ] || { log "no headers for $KVER in the rootfs"; exit 1; }
 

@@ -294,7 +294,12 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
     ) -> (Result<(), Errno>, bool) {
         let was_failed = self.state.is_failed();
         if !retires_mapping {
-            let mem = Arc::new(GuestMemory::from_dma(table, self.snapshot_port(false)));
+            // Below 1 MiB by messages: TCG sees those writes (memory.rs, issue 11).
+            let mem = Arc::new(GuestMemory::from_dma_messages_below(
+                table,
+                self.snapshot_port(false),
+                crate::memory::LEGACY_LOW_MEM_END,
+            ));
             let regions = mem.region_count();
             match self.call_always(what, |d| d.set_memory_lazy(&mem)) {
                 Ok(true) => {
@@ -307,7 +312,11 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
             }
         }
         let port = self.snapshot_port(true);
-        let mem = Arc::new(GuestMemory::from_dma(table, port));
+        let mem = Arc::new(GuestMemory::from_dma_messages_below(
+            table,
+            port,
+            crate::memory::LEGACY_LOW_MEM_END,
+        ));
         let regions = mem.region_count();
         let res = self.call_always(what, |d| {
             let q = d.quiesce();

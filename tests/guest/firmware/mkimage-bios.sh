@@ -40,4 +40,4 @@ dd if="$tmp/part.img" of="$out" bs=1M seek=1 conv=notrunc status=none || fw_die 
 syslinux --install --offset $(( start * 512 )) "$out" || fw_die "syslinux --install"
 # MBR boot code: first 440 bytes only (the partition table and signature stay).
 dd if="$FW_SYSLINUX_MBR" of="$out" bs=440 count=1 conv=notrunc status=none || fw_die "dd mbr"
-mdir -i "$out@@$(( start * 512 ))" :: >&2
+mdir -a -i "$out@@$(( start * 512 ))" :: >&2

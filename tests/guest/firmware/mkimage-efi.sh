@@ -38,7 +38,7 @@ mcopy -i "$tmp/esp.img" "$tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI || fw_die "mc
 
 rm -f "$out"
 truncate -s $(( (start + sectors + 2048) * 512 )) "$out"
-printf 'label: gpt\nunit: sectors\n%d %d C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="ESP"\n' \
+printf 'label: gpt\nunit: sectors\nstart=%d, size=%d, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="ESP"\n' \
     "$start" "$sectors" | sfdisk --no-reread --no-tell-kernel -q "$out" || fw_die "sfdisk"
 dd if="$tmp/esp.img" of="$out" bs=1M seek=1 conv=notrunc status=none || fw_die "dd ESP"
 mdir -i "$out@@$(( start * 512 ))" ::/EFI/BOOT >&2

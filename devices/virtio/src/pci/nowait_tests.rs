@@ -218,7 +218,18 @@ fn control_thread_never_waits_on_a_poller_blocked_in_message_dma() {
     let (driver_mem, _) = snapshot(&bytes);
     let (dev_mem, port) = snapshot(&bytes);
 
+    // Releases the poller even if an assertion fails (the pool joins it on drop).
+    struct Release(Arc<Port>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.mode.store(PASS, Ordering::Release);
+        }
+    }
+    let _release = Release(port.clone());
+
     let mut d1 = device("held0", &pool);
+    // Built before the poller blocks: construction itself waits for the engine.
+    let mut d2 = device("held1", &pool);
     assert!(d1.set_memory_lazy(&dev_mem));
     let mut drv1 = SplitDriver::new(driver_mem.clone(), 0x1_0000, 16);
     bring_up(&mut d1, &drv1);
@@ -235,26 +246,33 @@ fn control_thread_never_waits_on_a_poller_blocked_in_message_dma() {
 
     let t0 = Instant::now();
     // A second device on the same (blocked) poller thread: memory and queue start.
-    let mut d2 = device("held1", &pool);
     let (mem2, _) = snapshot(&bytes);
     assert!(d2.set_memory_lazy(&mem2));
     let mut drv2 = SplitDriver::new(driver_mem.clone(), 0x4_0000, 16);
     bring_up(&mut d2, &drv2);
-    assert!(d2.queue_started(0), "queue start must not wait for the poller");
+    assert!(
+        d2.queue_started(0),
+        "queue start must not wait for the poller"
+    );
     // A memory change and a device reset of the blocked device.
     let (mem3, _) = snapshot(&bytes);
     assert!(d1.set_memory_lazy(&mem3));
     wr(&mut d1, co::DEVICE_STATUS, 1, 0);
     let status = rd(&mut d1, co::DEVICE_STATUS, 1);
     let spent = t0.elapsed();
-    assert!(spent < Duration::from_secs(1), "control thread waited {spent:?}");
+    assert!(
+        spent < Duration::from_secs(1),
+        "control thread waited {spent:?}"
+    );
     // The reset is not complete while its queue is still on the poller: status not 0.
     assert_ne!(status, 0);
     assert!(!d1.queue_started(0));
 
     // The reply arrives: the stop finishes, the reset completes, d2 runs.
     port.mode.store(PASS, Ordering::Release);
-    wait_for("reset to complete", || rd(&mut d1, co::DEVICE_STATUS, 1) == 0);
+    wait_for("reset to complete", || {
+        rd(&mut d1, co::DEVICE_STATUS, 1) == 0
+    });
     echo(&mut d2, &mut drv2, 0xa_0000, 0xb_0000, b"second device");
     assert_eq!(d1.stats().engine_timeouts, 0);
     assert_eq!(d2.stats().engine_timeouts, 0);

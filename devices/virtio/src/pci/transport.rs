@@ -725,8 +725,8 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
         };
         match region {
             BarRegion::Common => {
-                let covers_status = rel <= offset::DEVICE_STATUS
-                    && rel + data.len() as u64 > offset::DEVICE_STATUS;
+                let covers_status =
+                    rel <= offset::DEVICE_STATUS && rel + data.len() as u64 > offset::DEVICE_STATUS;
                 if covers_status {
                     self.sync_needs_reset();
                 }
