@@ -3,7 +3,9 @@
 #   ours-null   emudevd virtio-blk over vfio-user, null backend
 #   ours-file   emudevd virtio-blk over vfio-user, raw file in tmpfs (/dev/shm), buffered
 #   qemu-file   QEMU's built-in virtio-blk-pci on the same file (cache=writeback, aio=threads)
-# One guest boot per configuration runs every job RUNS times; fio's JSON comes back on the
+# The configurations take turns: ROUNDS rounds, each booting every configuration once, and each
+# boot runs every job RUNS/ROUNDS times, so load from other users of the machine falls on all
+# configurations alike (ROUNDS=1: one boot per configuration runs all runs). fio's JSON comes back on the
 # console and is parsed on the host. While each job runs, the host samples CPU time of our
 # server and of QEMU from /proc/PID/stat.
 #
@@ -13,6 +15,7 @@
 #   RUNTIME      seconds per fio run                (default 10)
 #   RAMP         fio ramp_time seconds              (default 2)
 #   RUNS         runs per job                       (default 5)
+#   ROUNDS       boots per configuration, taking turns (default RUNS; must divide RUNS)
 #   JOBS         jobs, RW-qdN                       (default "randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1")
 #   CONFIGS      configurations                     (default "ours-null ours-file qemu-file")
 #   IMG_SIZE     size of the tmpfs image / null disk (default 1G)
@@ -33,6 +36,8 @@ BIN=${BIN:-$ROOT/target/release}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
 RUNS=${RUNS:-5}
+ROUNDS=${ROUNDS:-$RUNS}
+PER_BOOT=$((RUNS / ROUNDS))
 JOBS=${JOBS:-randread-qd32 randread-qd1 randwrite-qd32 randwrite-qd1}
 CONFIGS=${CONFIGS:-ours-null ours-file qemu-file}
 IMG_SIZE=${IMG_SIZE:-1G}
@@ -104,6 +109,7 @@ wait_for_quiet() {
     done
 }
 
+# write_guest_script FIRST_RUN: runs FIRST_RUN .. FIRST_RUN+PER_BOOT-1 of every job.
 write_guest_script() {
     cat >"$WORK/guest.sh" <<GUEST
 #!/bin/sh
@@ -112,8 +118,8 @@ dev=/dev/vda
 echo "BENCH-INFO kernel=\$(uname -r) fio=\$(fio --version) sectors=\$(cat /sys/block/vda/size) sched=\$(cat /sys/block/vda/queue/scheduler) queues=\$(ls /sys/block/vda/mq | wc -l) nproc=\$(nproc)"
 for job in $JOBS; do
     rw=\${job%-qd*}; qd=\${job#*-qd}
-    r=1
-    while [ \$r -le $RUNS ]; do
+    r=$1
+    while [ \$r -lt $(($1 + PER_BOOT)) ]; do
         echo "BENCH-BEGIN \$job \$r"
         fio --name=\$job --filename=\$dev --direct=1 --ioengine=libaio --rw=\$rw --bs=4k \
             --iodepth=\$qd --numjobs=1 --time_based --runtime=$RUNTIME --ramp_time=$RAMP \
@@ -133,9 +139,9 @@ echo "BENCH-DONE"
 GUEST
 }
 
-# run_config NAME: one boot, all jobs. Appends to results.tsv.
+# run_config NAME ROUND: one boot, all jobs. Appends to results.tsv.
 run_config() {
-    local cfg=$1 console=$OUT/$1.console.log marks=$WORK/$1.marks sock=$WORK/$1.sock
+    local cfg=$1 console=$OUT/$1.$2.console.log marks=$WORK/$1.$2.marks sock=$WORK/$1.sock
     local args=() srvpid="" ctl=$WORK/$1.ctl ctlarg=()
     "$BIN/emudevd" --help 2>&1 | grep -q -- '--control' && ctlarg=(--control "$ctl")
     rm -f "$console" "$marks"
@@ -143,22 +149,23 @@ run_config() {
         ours-null)
             RUST_LOG=${RUST_LOG:-warn} ${WRAP[@]+"${WRAP[@]}"} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,backend=null,size=$IMG_SIZE$SERVER_ARGS" \
-                >"$OUT/$cfg.server.log" 2>&1 &
+                >"$OUT/$cfg.$2.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
         ours-file)
             RUST_LOG=${RUST_LOG:-warn} ${WRAP[@]+"${WRAP[@]}"} "$BIN/emudevd" ${ctlarg[@]+"${ctlarg[@]}"} --device \
                 "virtio-blk,socket=$sock,path=$IMG$SERVER_ARGS" \
-                >"$OUT/$cfg.server.log" 2>&1 &
+                >"$OUT/$cfg.$2.server.log" 2>&1 &
             SRV=$!; srvpid=$SRV; args=(--vfio-user "$sock") ;;
         qemu-file)
             args=(--qemu-arg -drive --qemu-arg "file=$IMG,if=none,id=d0,format=raw,cache=writeback,aio=threads"
                   --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=d0,disable-legacy=on") ;;
         *) die "unknown config $cfg" ;;
     esac
-    log "$cfg: booting guest ($JOBS; $RUNS x ${RUNTIME}s each)"
-    local budget=$(( $(wc -w <<<"$JOBS") * RUNS * (RUNTIME + RAMP + 8) + 120 ))
+    log "$cfg: round $2/$ROUNDS: booting guest ($JOBS; $PER_BOOT x ${RUNTIME}s each)"
+    write_guest_script $(( (${2} - 1) * PER_BOOT + 1 ))
+    local budget=$(( $(wc -w <<<"$JOBS") * PER_BOOT * (RUNTIME + RAMP + 8) + 120 ))
     "$RUN_GUEST" --script "$WORK/guest.sh" --log "$console" --cpus "$GUEST_CPUS" \
-        --timeout "$budget" "${args[@]}" >/dev/null 2>"$OUT/$cfg.run-guest.err" &
+        --timeout "$budget" "${args[@]}" >/dev/null 2>"$OUT/$cfg.$2.run-guest.err" &
     local rg=$!
     # Watch the console: sample CPU times at each BEGIN/END marker.
     local qpid="" line
@@ -191,14 +198,16 @@ run_config() {
 truncate -s "$IMG_SIZE" "$IMG"
 # Allocate every page so reads hit real tmpfs pages rather than holes, for both sides.
 fallocate -l "$IMG_SIZE" "$IMG" 2>/dev/null || dd if=/dev/zero of="$IMG" bs=1M count="$(( $(stat -c %s "$IMG") >> 20 ))" conv=notrunc status=none
-write_guest_script
+[ "$ROUNDS" -ge 1 ] && [ $((RUNS % ROUNDS)) = 0 ] || die "ROUNDS ($ROUNDS) must divide RUNS ($RUNS)"
 printf 'config\tjob\trun\tiops\tlat_mean_us\tlat_p50_us\tlat_p99_us\tguest_usr\tguest_sys\tsecs\tserver_cpu_s\tqemu_cpu_s\tsrv_requests\tkicks\tinterrupts\titerations\tsleeps\tpoller_cpu_s\tother_guests\n' >"$OUT/results.tsv"
 fails=0
-for cfg in $CONFIGS; do
-    wait_for_quiet
-    uptime >"$OUT/$cfg.load-before"
-    run_config "$cfg" || fails=$((fails + 1))
-    uptime >"$OUT/$cfg.load-after"
+for round in $(seq "$ROUNDS"); do
+    for cfg in $CONFIGS; do
+        wait_for_quiet
+        echo "$cfg round $round before: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
+        run_config "$cfg" "$round" || fails=$((fails + 1))
+        echo "$cfg round $round after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/load.txt"
+    done
 done
 [ "$fails" = 0 ] || die "$fails configuration(s) failed"
 log "results in $OUT/results.tsv"

@@ -3,25 +3,29 @@
 # (wall clock and callgrind) and the guest fio benchmark, and writes
 # target/bench-report/report.md (plus the raw data beside it).
 #
-# Usage: bench/run.sh [--update-docs] [--skip-core] [--skip-guest] [--quick]
+# Usage: bench/run.sh [--update-docs] [--skip-core] [--skip-guest] [--quick] [--report-only]
 #   --update-docs   copy the report to docs/benchmarks.md
+#   --report-only   only regenerate report.md from the data of the last run (e.g. after
+#                   editing bench/notes.md)
 #   --quick         short runs to check the setup (not for the docs): 3 s fio, 1 run, 2 jobs
 # Run lengths (environment):
 #   CORE_RUNS (7), CORE_REQUESTS (256000 per run), CORE_BURST (32), CG_REQUESTS (32000)
 #   RUNTIME (10 s per fio run), RAMP (2), RUNS (5), JOBS, CONFIGS, IMG_SIZE: see bench/guest-blk.sh
-# Defaults take about 17 minutes on a 2-core machine (the guest part about 14).
+#   ROUNDS (RUNS: configurations take turns, one boot per configuration per round)
+# Defaults take about 22 minutes on a 2-core machine (the guest part about 19).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-UPDATE_DOCS=0 CORE=1 GUEST=1
+UPDATE_DOCS=0 CORE=1 GUEST=1 REPORT_ONLY=0
 for a in "$@"; do
     case $a in
         --update-docs) UPDATE_DOCS=1 ;;
         --skip-core) CORE=0 ;;
         --skip-guest) GUEST=0 ;;
+        --report-only) REPORT_ONLY=1 ;;
         --quick) export RUNTIME=3 RAMP=1 RUNS=1 JOBS="randread-qd32 randread-qd1"
                  CORE_RUNS=${CORE_RUNS:-3} CG_REQUESTS=${CG_REQUESTS:-3200} ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $a" >&2; exit 2 ;;
     esac
 done
@@ -37,6 +41,13 @@ T0=$(date +%s)
 progress() { echo "[bench $(date +%H:%M:%S)] $*"; }
 die() { progress "ERROR: $*"; exit 1; }
 
+if [ "$REPORT_ONLY" = 1 ]; then
+    [ -f "$OUT/machine.env" ] || die "no previous run in $OUT"
+    python3 bench/report.py "$OUT" || die "report generation failed"
+    progress "report: $OUT/report.md"
+    [ "$UPDATE_DOCS" = 1 ] && cp "$OUT/report.md" docs/benchmarks.md && progress "copied to docs/benchmarks.md"
+    exit 0
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 ENV=$OUT/machine.env
@@ -87,6 +98,7 @@ if [ "$GUEST" = 1 ]; then
     BIN=$TARGET/release bash bench/guest-blk.sh "$OUT/guest" || die "guest benchmark failed"
     H=${HARNESS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-harness}
     first=$(ls "$OUT"/guest/*.console.log 2>/dev/null | head -1)
+    ROUNDS=${ROUNDS:-$RUNS}
     {
         echo "ACCEL=$(sed -n 's/^run-guest: accel=//p' "$first" | head -1 | tr a-z A-Z)"
         echo "QEMU=$("$H/bin/qemu-system-x86_64" --version | head -1)"
@@ -94,7 +106,7 @@ if [ "$GUEST" = 1 ]; then
         echo "GUEST_KERNEL=$(sed -n 's/.*kernel=\([^ ]*\).*/\1/p' <<<"$info")"
         echo "FIO=$(sed -n 's/.*fio=\([^ ]*\).*/\1/p' <<<"$info")"
         echo "GUEST_CPUS=${GUEST_CPUS:-2} vCPUs (MTTCG), 1 GiB"
-        echo "GUEST_RUNS=$RUNS x ${RUNTIME} s (+${RAMP} s ramp)"
+        echo "GUEST_RUNS=$RUNS x ${RUNTIME} s (+${RAMP} s ramp), in $ROUNDS rounds: each round boots every configuration once, in turn"
         echo "FIO_DESC=4k, direct=1, libaio, numjobs=1, time_based ${RUNTIME} s, norandommap, on /dev/vda (${IMG_SIZE:-1G})"
         echo "LOAD=$(cut -d' ' -f1-3 /proc/loadavg) (after; before: $(sed -n 's/^LOAD=//p' "$ENV" | head -1))"
     } >>"$ENV"

@@ -16,7 +16,7 @@ use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// End of the x86 legacy first MiB (real-mode memory, boot sectors, option ROMs). The
-/// vfio-user transport reaches guest memory below it by messages, see
+/// vfio-user transport writes guest memory below it by messages, see
 /// [`GuestMemory::from_dma_messages_below`].
 pub const LEGACY_LOW_MEM_END: u64 = 0x10_0000;
 
@@ -65,6 +65,9 @@ struct GuestRegion {
     readable: bool,
     writable: bool,
     backing: Backing,
+    /// Device writes go out as DMA_WRITE messages even though the region is mapped (reads
+    /// still use the mapping); see [`GuestMemory::from_dma_messages_below`].
+    write_by_message: bool,
 }
 
 impl GuestRegion {
@@ -94,8 +97,9 @@ impl GuestMemory {
         Self::from_dma_messages_below(table, port, 0)
     }
 
-    /// Like [`GuestMemory::from_dma`], but with a port, the fd-backed memory below
-    /// `message_below` is reached through DMA_READ/DMA_WRITE messages instead of our mmap.
+    /// Like [`GuestMemory::from_dma`], but with a port, device writes to fd-backed memory
+    /// below `message_below` go out as DMA_WRITE messages instead of through our mmap
+    /// (reads still use the mmap: they need no one's attention).
     ///
     /// Why (issue 11, firmware boot under TCG): QEMU's TCG drops translated code only for
     /// pages it sees written, and a write through our own mapping of the shared memfd is
@@ -140,39 +144,45 @@ impl GuestMemory {
                 None => Backing::Message,
             };
             let (readable, writable) = (r.readable(), r.writable());
-            let mut start = r.iova;
-            if r.iova < message_below && matches!(backing, Backing::Mapped { .. }) {
-                // The low part by messages, the rest (if any) still through the mapping.
-                let cut = end.min(message_below);
+            let mapped = matches!(backing, Backing::Mapped { .. });
+            if r.iova < message_below && end > message_below && mapped {
+                // Straddles the limit: the low part writes by message, the rest as usual.
+                let cut = message_below;
+                let Backing::Mapped { mapping, offset } = backing else {
+                    continue;
+                };
                 regions.push(GuestRegion {
-                    start,
-                    len: cut - start,
+                    start: r.iova,
+                    len: cut - r.iova,
                     readable,
                     writable,
-                    backing: Backing::Message,
+                    backing: Backing::Mapped {
+                        mapping: mapping.clone(),
+                        offset,
+                    },
+                    write_by_message: true,
                 });
-                if cut == end {
-                    continue;
-                }
-                start = cut;
-            }
-            let backing = match backing {
-                Backing::Mapped { mapping, offset } => {
-                    // cut - iova < size, which fits `offset + size` (checked above).
-                    let skip = (start - r.iova) as usize;
-                    Backing::Mapped {
+                regions.push(GuestRegion {
+                    start: cut,
+                    len: end - cut,
+                    readable,
+                    writable,
+                    // cut - iova < size, and `offset + size` fits (checked above).
+                    backing: Backing::Mapped {
                         mapping,
-                        offset: offset + skip,
-                    }
-                }
-                Backing::Message => Backing::Message,
-            };
+                        offset: offset + (cut - r.iova) as usize,
+                    },
+                    write_by_message: false,
+                });
+                continue;
+            }
             regions.push(GuestRegion {
-                start,
-                len: end - start,
+                start: r.iova,
+                len: end - r.iova,
                 readable,
                 writable,
                 backing,
+                write_by_message: mapped && r.iova < message_below,
             });
         }
         Self { regions, port }
@@ -187,7 +197,7 @@ impl GuestMemory {
     pub fn all_mapped(&self) -> bool {
         self.regions
             .iter()
-            .all(|r| matches!(r.backing, Backing::Mapped { .. }))
+            .all(|r| matches!(r.backing, Backing::Mapped { .. }) && !r.write_by_message)
     }
 
     fn find(&self, gpa: u64) -> Option<&GuestRegion> {
@@ -277,6 +287,9 @@ impl GuestMemory {
         self.for_each_piece(gpa, data.len(), Access::Write, |r, off, range| {
             let src = &data[range];
             match &r.backing {
+                Backing::Mapped { .. } if r.write_by_message => {
+                    Ok(self.port()?.write(r.start + off, src)?)
+                }
                 Backing::Mapped { mapping, offset } => {
                     let vs = mapped_slice(mapping, *offset, off, src.len())?;
                     vs.copy_from(src);
@@ -324,6 +337,9 @@ impl GuestMemory {
         }
         Self::check_access(r, access, gpa, len64)?;
         match &r.backing {
+            Backing::Mapped { .. } if r.write_by_message && access == Access::Write => {
+                Err(MemError::NotMappable { gpa, len: len64 })
+            }
             Backing::Mapped { mapping, offset } => {
                 mapped_slice(mapping, *offset, gpa - r.start, len)
             }
@@ -528,6 +544,7 @@ mod tests {
 
     #[test]
     fn low_memory_goes_through_messages_when_asked() {
+        use vm_memory::Bytes;
         let a = anon(0x3000);
         a.as_volatile_slice().write_obj(0x55u8, 0x2000).unwrap();
         let port = Arc::new(FakePort {
@@ -535,8 +552,8 @@ mod tests {
             base: 0,
             log: Mutex::new(Vec::new()),
         });
-        // One map straddling the limit at 0x2000: [0, 0x2000) by message, the rest mapped
-        // at the right offset.
+        // One map straddling the limit at 0x2000: writes to [0, 0x2000) by message, the
+        // rest through the mapping at the right offset; reads always through the mapping.
         let table = [mapped(0x0, 0x3000, RW, &a, 0)];
         let mem =
             GuestMemory::from_dma_messages_below(&table, Some(DmaPort::new(port.clone())), 0x2000);
@@ -548,11 +565,21 @@ mod tests {
             a.as_volatile_slice().read_obj::<u16>(0x2000).unwrap(),
             0x0909
         );
+        let mut back = [0xffu8; 4];
+        mem.read(0x1ffe, &mut back).unwrap();
+        assert_eq!(back, [0, 0, 9, 9], "reads come from the mapping");
+        assert_eq!(
+            port.log.lock().unwrap().len(),
+            1,
+            "no read went to the port"
+        );
         assert!(matches!(
             mem.slice(0x1000, 16, Access::Write),
             Err(MemError::NotMappable { .. })
         ));
+        assert!(mem.slice(0x1000, 16, Access::Read).is_ok());
         assert!(mem.slice(0x2800, 16, Access::Write).is_ok());
+        assert!(!mem.all_mapped());
         // Without a port nothing changes: everything stays mapped.
         let mem = GuestMemory::from_dma_messages_below(&table, None, 0x2000);
         assert!(mem.all_mapped());

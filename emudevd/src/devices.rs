@@ -282,7 +282,10 @@ impl Registry {
             }
             DeviceKind::VirtioBlk(b) => {
                 let (dev, backend) = virtio_blk(&name, b, &self.pool).map_err(build)?;
-                let adapter = VfioUserAdapter::new(dev);
+                let mut adapter = VfioUserAdapter::new(dev);
+                // A boot disk: firmware (SeaBIOS, boot sectors) must see our writes below
+                // 1 MiB under QEMU's TCG, so those go by DMA_WRITE message (issue 11).
+                adapter.set_message_writes_below(emudev::memory::LEGACY_LOW_MEM_END);
                 let shared = adapter.device().clone();
                 let st = adapter.state_cell().clone();
                 let server = Server::from_listener(listener, adapter, ServerOptions::default())

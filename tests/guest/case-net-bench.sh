@@ -7,7 +7,7 @@
 . "$(dirname "$0")/net-lib.sh"
 need_iperf3 || { echo "iperf3 missing on the host and cannot be installed"; exit 1; }
 M1=52:54:00:e0:de:31 M2=52:54:00:e0:de:32 sock=$WORKDIR/net.sock
-start_server bench ip netns exec "$NS" "$NETSRV" --pollers 1 --control "$CTL" \
+start_server bench ip netns exec "$NS" "$NETSRV" --pollers 1 --poll-us "${POLL_US:-50}" --control "$CTL" \
     --device "socket=$sock,backend=tap:edtap0,mac=$M1"
 wait_socket "$sock" || exit 1
 wait_link edtap0 || exit 1

@@ -3,6 +3,12 @@
 # 169.254.0.0/16 and IPv6 link-local addresses are used.
 NS=emudev-$CASE-$$
 NETSRV=${NETSRV:-$BIN/net-server}
+# scripts/guest-tests.sh builds emudevd and the examples; net-server lives in emudev-net.
+if [ ! -x "$NETSRV" ]; then
+    (cd "$(dirname "${BASH_SOURCE[0]}")/../.." &&
+        cargo build --release --locked -p emudev-net --bin net-server) >&2 ||
+        { echo "cannot build net-server"; exit 1; }
+fi
 CTL=$WORKDIR/ctl.fifo
 net_cleanup() {
     cleanup

@@ -289,7 +289,6 @@ impl BlkEngine {
         let res = (|| {
             let status_addr = split_status(writable, &mut wr)?;
             let hdr = read_header(mem, readable, &mut rd)?;
-            log::trace!("H13DBG blk req type={} sector={} rd={:x?} wr={:x?} status={:#x}", hdr.type_.get(), hdr.sector.get(), rd, wr, status_addr);
             let (st, written) = match self.execute(mem, hdr.type_.get(), hdr.sector.get(), &rd, &wr)
             {
                 Ok(written) => (status::OK, written),

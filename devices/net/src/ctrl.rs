@@ -182,3 +182,146 @@ impl QueueHandler for CtrlHandler {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emudev_netback::switch::{L2Switch, SwitchOptions};
+    use emudev_virtio::queue::features as qf;
+    use emudev_virtio::queue::testdriver::{anon_memory, Buf, SplitDriver};
+
+    const BUF: u64 = 0x10_0000;
+
+    struct Fixture {
+        mem: Arc<GuestMemory>,
+        drv: SplitDriver,
+        q: Queue,
+        h: CtrlHandler,
+        shared: Arc<NetShared>,
+        next: u64,
+    }
+
+    fn fixture(features: u64, pairs: u16) -> Fixture {
+        let mem = anon_memory(0, 4 << 20);
+        let drv = SplitDriver::new(mem.clone(), 0, 32);
+        let q = Queue::new(drv.config(), qf::VERSION_1, mem.clone()).unwrap();
+        let sw = L2Switch::new("ctrl", SwitchOptions::default());
+        let port = sw.add_port(pairs).unwrap();
+        let shared = Arc::new(NetShared::new(
+            Arc::new(port),
+            pairs,
+            [0x52, 0x54, 0, 0, 0, 1],
+        ));
+        let h = CtrlHandler::new(shared.clone(), features);
+        Fixture {
+            mem,
+            drv,
+            q,
+            h,
+            shared,
+            next: BUF,
+        }
+    }
+
+    impl Fixture {
+        /// Submit one command (header and data in separate descriptors); returns the ack.
+        fn run(&mut self, class: u8, command: u8, data: &[u8]) -> u8 {
+            let a = self.next;
+            self.next += 0x1000;
+            self.mem.write(a, &[class, command]).unwrap();
+            self.mem.write(a + 0x10, data).unwrap();
+            let mut bufs = vec![Buf::r(a, 2)];
+            if !data.is_empty() {
+                bufs.push(Buf::r(a + 0x10, data.len() as u32));
+            }
+            bufs.push(Buf::w(a + 0xf00, 1));
+            self.drv.add_chain(&bufs);
+            assert_eq!(self.h.process(&mut self.q, 8), 1);
+            self.q.flush_used();
+            assert_eq!(self.drv.pop_used().map(|u| u.1), Some(1));
+            let mut ack = [0u8];
+            self.mem.read(a + 0xf00, &mut ack).unwrap();
+            ack[0]
+        }
+
+        fn filter(&self) -> crate::shared::RxFilter {
+            let mut seen = 0;
+            self.shared.filter_if_changed(&mut seen).unwrap()
+        }
+    }
+
+    fn table(entries: u32, macs: usize) -> Vec<u8> {
+        let mut v = entries.to_le_bytes().to_vec();
+        for i in 0..macs {
+            v.extend_from_slice(&[0x33, 0x33, 0, 0, 0, i as u8]);
+        }
+        v
+    }
+
+    #[test]
+    fn rx_mode_mac_table_and_address() {
+        let all = feature::CTRL_VQ | feature::CTRL_RX | feature::CTRL_MAC_ADDR;
+        let mut f = fixture(all, 1);
+        assert_eq!(f.run(cmd::CLASS_RX, cmd::RX_PROMISC, &[0]), cmd::OK);
+        assert_eq!(f.run(cmd::CLASS_RX, cmd::RX_ALLMULTI, &[1]), cmd::OK);
+        let fl = f.filter();
+        assert!(!fl.promisc && fl.allmulti);
+        // Missing data byte.
+        assert_eq!(f.run(cmd::CLASS_RX, cmd::RX_PROMISC, &[]), cmd::ERR);
+        // Two unicast entries, then 70 multicast ones: the second table overflows.
+        let mut t = 2u32.to_le_bytes().to_vec();
+        t.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2]);
+        t.extend_from_slice(&table(70, 70));
+        assert_eq!(f.run(cmd::CLASS_MAC, cmd::MAC_TABLE_SET, &t), cmd::OK);
+        let fl = f.filter();
+        assert_eq!(fl.uni.len(), 2);
+        assert!(!fl.uni_overflow);
+        assert_eq!(fl.multi.len(), MAC_TABLE_ENTRIES);
+        assert!(fl.multi_overflow);
+        // A count larger than the data is refused and leaves the filter alone.
+        let mut t = table(1000, 1);
+        t.extend_from_slice(&table(0, 0));
+        assert_eq!(f.run(cmd::CLASS_MAC, cmd::MAC_TABLE_SET, &t), cmd::ERR);
+        assert_eq!(f.filter().uni.len(), 2);
+        // Address set: unicast only.
+        assert_eq!(
+            f.run(cmd::CLASS_MAC, cmd::MAC_ADDR_SET, &[0x52, 0, 0, 0, 0, 9]),
+            cmd::OK
+        );
+        assert_eq!(f.shared.mac(), [0x52, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            f.run(cmd::CLASS_MAC, cmd::MAC_ADDR_SET, &[0x01, 0, 0, 0, 0, 9]),
+            cmd::ERR
+        );
+        assert_eq!(f.shared.stats.ctrl_errors.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn commands_need_their_feature() {
+        let mut f = fixture(feature::CTRL_VQ, 4);
+        assert_eq!(f.run(cmd::CLASS_RX, cmd::RX_PROMISC, &[0]), cmd::ERR);
+        assert_eq!(
+            f.run(cmd::CLASS_MQ, cmd::MQ_VQ_PAIRS_SET, &[2, 0]),
+            cmd::ERR
+        );
+        f.shared.announce.store(true, Ordering::Relaxed);
+        assert_eq!(f.run(cmd::CLASS_ANNOUNCE, cmd::ANNOUNCE_ACK, &[]), cmd::ERR);
+        assert!(f.shared.announce.load(Ordering::Relaxed));
+        assert!(f.filter().promisc);
+    }
+
+    #[test]
+    fn queue_pairs_and_announce_ack() {
+        let mut f = fixture(feature::CTRL_VQ | feature::MQ | feature::GUEST_ANNOUNCE, 4);
+        assert_eq!(f.run(cmd::CLASS_MQ, cmd::MQ_VQ_PAIRS_SET, &[3, 0]), cmd::OK);
+        assert_eq!(f.shared.active_pairs.load(Ordering::Relaxed), 3);
+        for bad in [[0u8, 0], [5, 0], [0, 1]] {
+            assert_eq!(f.run(cmd::CLASS_MQ, cmd::MQ_VQ_PAIRS_SET, &bad), cmd::ERR);
+        }
+        assert_eq!(f.run(cmd::CLASS_MQ, cmd::MQ_VQ_PAIRS_SET, &[4]), cmd::ERR);
+        assert_eq!(f.shared.active_pairs.load(Ordering::Relaxed), 3);
+        f.shared.announce.store(true, Ordering::Relaxed);
+        assert_eq!(f.run(cmd::CLASS_ANNOUNCE, cmd::ANNOUNCE_ACK, &[]), cmd::OK);
+        assert!(!f.shared.announce.load(Ordering::Relaxed));
+    }
+}

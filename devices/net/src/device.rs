@@ -349,3 +349,78 @@ pub fn virtio_net_pci(
     let dev = VirtioNetDevice::new(b, opts, pool.clone());
     VirtioPciDevice::new(name, dev).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use emudev_netback::switch::SwitchOptions;
+
+    fn device(pairs: u16, backend_pairs: u16) -> VirtioNetDevice {
+        let sw = L2Switch::new("dev", SwitchOptions::default());
+        let port = sw.add_port(backend_pairs).unwrap();
+        let opts = NetOptions {
+            queue_pairs: pairs,
+            mtu: Some(9000),
+            ..NetOptions::default()
+        };
+        VirtioNetDevice::new(Arc::new(port), opts, PollerPool::new(1).unwrap())
+    }
+
+    #[test]
+    fn queues_features_and_config_follow_the_options() {
+        let d = device(4, 2);
+        // Capped by the backend's pairs: 2 pairs + control queue.
+        assert_eq!(d.queue_pairs(), 2);
+        assert_eq!(d.queue_max_sizes().len(), 5);
+        let f = d.features();
+        for bit in [
+            feature::MQ,
+            feature::MTU,
+            feature::MRG_RXBUF,
+            feature::HOST_TSO4,
+        ] {
+            assert_ne!(f & bit, 0);
+        }
+        let mut c = [0u8; CONFIG_LEN];
+        d.read_config(0, &mut c);
+        assert_eq!(&c[..6], &NetOptions::default().mac);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), STATUS_LINK_UP);
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 2);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 9000);
+        // A read past the end is zero-filled, not a panic.
+        let mut tail = [0xffu8; 4];
+        d.read_config(10, &mut tail);
+        assert_eq!(tail, [0x28, 0x23, 0, 0]);
+        assert!(device(1, 1).features() & feature::MQ == 0);
+        assert_eq!(ctrl_queue_index(feature::MQ, 2), 4);
+        assert_eq!(ctrl_queue_index(0, 2), 2);
+    }
+
+    #[test]
+    fn features_ok_enforces_dependencies_and_attrs_work() {
+        let mut d = device(1, 1);
+        assert!(!d.features_ok(feature::GUEST_TSO4));
+        assert!(!d.features_ok(feature::HOST_TSO6));
+        assert!(!d.features_ok(feature::CTRL_RX));
+        assert!(d.features_ok(feature::GUEST_CSUM | feature::GUEST_TSO4));
+        assert_eq!(
+            rx_offloads(feature::GUEST_CSUM | feature::GUEST_TSO4 | feature::GUEST_ECN),
+            Offloads::CSUM | Offloads::TSO4 | Offloads::TSO_ECN
+        );
+        // Announce needs the feature.
+        assert!(d.set_attr("announce", "1").is_err());
+        assert!(d.features_ok(feature::CTRL_VQ | feature::GUEST_ANNOUNCE));
+        assert!(d.set_attr("announce", "1").unwrap());
+        let mut st = [0u8; 2];
+        d.read_config(6, &mut st);
+        assert_eq!(u16::from_le_bytes(st), STATUS_LINK_UP | STATUS_ANNOUNCE);
+        assert!(d.set_attr("link", "sideways").is_err());
+        assert!(d.set_attr("link", "down").unwrap());
+        assert_eq!(d.attr("link").as_deref(), Some("down"));
+        assert!(d.set_attr("speed", "1").is_err());
+        d.reset();
+        d.read_config(6, &mut st);
+        assert_eq!(u16::from_le_bytes(st), 0);
+        assert_eq!(d.attr("rx_frames").as_deref(), Some("0"));
+    }
+}

@@ -144,6 +144,9 @@ pub struct VfioUserAdapter<D: DeviceModel> {
     err: IrqLine,
     req: IrqLine,
     resampler: Option<Resampler>,
+    /// Device writes below this guest address go out as DMA_WRITE messages even to fd-backed
+    /// maps, so QEMU's TCG sees them (see [`Self::set_message_writes_below`]).
+    message_writes_below: u64,
 }
 
 impl<D: DeviceModel> std::fmt::Debug for VfioUserAdapter<D> {
@@ -183,7 +186,18 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
             err: IrqLine::new(),
             req: IrqLine::new(),
             resampler: None,
+            message_writes_below: 0,
         }
+    }
+
+    /// Set the guest address below which device writes go by DMA_WRITE message, even to
+    /// fd-backed maps (default 0: off). A boot device for QEMU clients sets
+    /// [`crate::memory::LEGACY_LOW_MEM_END`]: under TCG, firmware loads code over code it
+    /// already ran there, and QEMU only notices writes made through it (issue 11). The client
+    /// must serve DMA_WRITE for every mapped address (QEMU does; simple test clients serve
+    /// fd-less maps only). Takes effect at the next DMA table change.
+    pub fn set_message_writes_below(&mut self, limit: u64) {
+        self.message_writes_below = limit;
     }
 
     pub fn name(&self) -> &str {
@@ -294,11 +308,12 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
     ) -> (Result<(), Errno>, bool) {
         let was_failed = self.state.is_failed();
         if !retires_mapping {
-            // Below 1 MiB by messages: TCG sees those writes (memory.rs, issue 11).
+            // Writes below 1 MiB by messages: TCG sees them (memory.rs, issue 11).
+            let limit = self.message_writes_below;
             let mem = Arc::new(GuestMemory::from_dma_messages_below(
                 table,
                 self.snapshot_port(false),
-                crate::memory::LEGACY_LOW_MEM_END,
+                limit,
             ));
             let regions = mem.region_count();
             match self.call_always(what, |d| d.set_memory_lazy(&mem)) {
@@ -315,7 +330,7 @@ impl<D: DeviceModel> VfioUserAdapter<D> {
         let mem = Arc::new(GuestMemory::from_dma_messages_below(
             table,
             port,
-            crate::memory::LEGACY_LOW_MEM_END,
+            self.message_writes_below,
         ));
         let regions = mem.region_count();
         let res = self.call_always(what, |d| {

@@ -92,6 +92,8 @@ fw_image() {
         echo "firmware: building $out" >&2
         bash "$FW_DIR/mkimage-$kind.sh" "$out.tmp" >&2 || { rm -f "$out.tmp"; fw_die "mkimage-$kind failed"; }
         mv "$out.tmp" "$out"
+        # Older builds of this kind (other inputs) are dead weight: keep only this one.
+        find "$FW_CACHE" -maxdepth 1 -name "$kind-*.img" ! -path "$out" -delete
     fi
     echo "$out"
 }
@@ -128,4 +130,100 @@ fw_time_boot() {
     fi
     [ -n "$t" ] || return 1
     echo "$t"
+}
+
+# fw_accel: tcg unless /dev/kvm opens and is hardware KVM (as run-guest.sh decides).
+fw_accel() {
+    if [ -n "${FW_ACCEL:-}" ]; then echo "$FW_ACCEL"
+    elif ( : <>/dev/kvm ) 2>/dev/null && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; then echo kvm
+    else echo tcg; fi
+}
+
+# fw_qemu_args KIND MEM DIR: set FW_ARGS to the machine (no disk) for KIND (bios|efi) with
+# MEM of shared memfd RAM (so a vfio-user server gets fds); DIR holds the OVMF vars copy.
+fw_qemu_args() {
+    local kind=$1 mem=$2 dir=$3 accel cpu
+    accel=$(fw_accel)
+    if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
+    FW_ARGS=(-nodefaults -no-user-config -display none -no-reboot
+             -object "memory-backend-memfd,id=mem,size=$mem,share=on"
+             -machine "q35,accel=$accel,memory-backend=mem" -m "$mem"
+             -cpu "$cpu" -smp "${FW_SMP:-1}"
+             -chardev stdio,id=con,signal=off -serial chardev:con)
+    if [ "$kind" = efi ]; then
+        cp "$FW_OVMF_VARS" "$dir/OVMF_VARS.fd"
+        FW_ARGS+=(-drive "if=pflash,format=raw,readonly=on,file=$FW_OVMF_CODE"
+                  -drive "if=pflash,format=raw,file=$dir/OVMF_VARS.fd")
+    fi
+    if [ -n "${FW_DEBUGCON:-}" ]; then   # firmware debug log (SeaBIOS and OVMF use port 0x402)
+        FW_ARGS+=(-chardev "file,id=dbg,path=$FW_DEBUGCON" -device isa-debugcon,iobase=0x402,chardev=dbg)
+    fi
+}
+
+# fw_boot_ours KIND MEM NAME IMG DIR TAG: one boot of IMG from our virtio-blk (emudevd over
+# vfio-user, bootindex 0); prints the seconds to the marker. Logs: $GUEST_LOGS/$CASE-NAME.*
+# Runs in a command substitution, so it stops its own server (lib.sh's cleanup cannot).
+fw_boot_ours() {
+    local kind=$1 mem=$2 name=$3 img=$4 dir=$5 tag=$6 sock srv t js
+    sock=$dir/blk.sock; rm -f "$sock"
+    cp "$img" "$dir/disk.img"
+    start_server "$name" "$BIN/emudevd" --device "virtio-blk,socket=$sock,path=$dir/disk.img"
+    srv=${SERVER_PIDS[-1]}
+    wait_socket "$sock" || { kill "$srv"; wait "$srv"; return 1; }
+    FW_DEBUGCON=$GUEST_LOGS/$CASE-$name.emudev.firmware.log fw_qemu_args "$kind" "$mem" "$dir"
+    js=${sock//\\/\\\\}; js=${js//\"/\\\"}
+    t=$(fw_time_boot "$GUEST_LOGS/$CASE-$name.emudev.console.log" "${FW_BOOT_TIMEOUT:-300}" "${FW_ARGS[@]}" \
+        -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$js\"},\"bootindex\":0}")
+    kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null
+    if [ -z "$t" ]; then
+        echo "FAIL $name: no marker booting from our virtio-blk ($tag); console tail:" >&2
+        tail -c 3000 "$GUEST_LOGS/$CASE-$name.emudev.console.log" | tr -d '\033' >&2
+        echo "server log tail:" >&2; tail -20 "$GUEST_LOGS/$CASE-$name.server.log" >&2
+        return 1
+    fi
+    grep -aq "$FW_MARKER disks:.*vda" "$GUEST_LOGS/$CASE-$name.emudev.console.log" \
+        || { echo "FAIL $name: the guest does not see vda ($tag)" >&2; return 1; }
+    echo "$t"
+}
+
+# fw_boot_builtin KIND MEM NAME IMG DIR TAG: the same boot on QEMU's built-in modern-only
+# virtio-blk; prints the seconds to the marker.
+fw_boot_builtin() {
+    local kind=$1 mem=$2 name=$3 img=$4 dir=$5 tag=$6 t
+    cp "$img" "$dir/disk.img"
+    FW_DEBUGCON=$GUEST_LOGS/$CASE-$name.builtin.firmware.log fw_qemu_args "$kind" "$mem" "$dir"
+    t=$(fw_time_boot "$GUEST_LOGS/$CASE-$name.builtin.console.log" "${FW_BOOT_TIMEOUT:-300}" "${FW_ARGS[@]}" \
+        -drive "file=$dir/disk.img,if=none,id=d0,format=raw" \
+        -device virtio-blk-pci,drive=d0,disable-legacy=on,bootindex=0)
+    [ -n "$t" ] || { echo "FAIL $name: no marker with QEMU's built-in virtio-blk ($tag)" >&2; return 1; }
+    echo "$t"
+}
+
+# fw_boot_compare KIND MEM NAME: boot the KIND image from our virtio-blk and from QEMU's
+# built-in modern-only virtio-blk, alternately FW_REPEAT times (default 2; the machine is
+# shared, so the best of each is compared), each boot on a fresh copy of the image. Prints
+# every time, the best of each and their ratio. Needs lib.sh (BIN, WORKDIR, GUEST_LOGS,
+# start_server, wait_socket). Fails if a boot misses the marker or the ratio exceeds
+# FW_MAX_RATIO (default 3); above 1.5 it only prints a NOTE.
+fw_boot_compare() {
+    local kind=$1 mem=$2 name=$3 img dir i t ours=() qemu=() best_o best_q ratio
+    img=$(fw_image "$kind") || return 1
+    if [ "$kind" = efi ]; then fw_need_ovmf || return 1; fi
+    dir=$WORKDIR/$name; mkdir -p "$dir"
+    for i in $(seq "${FW_REPEAT:-2}"); do
+        t=$(fw_boot_ours "$kind" "$mem" "$name" "$img" "$dir" "run $i") || return 1
+        ours+=("$t")
+        t=$(fw_boot_builtin "$kind" "$mem" "$name" "$img" "$dir" "run $i") || return 1
+        qemu+=("$t")
+    done
+    rm -f "$dir/disk.img"
+    best_o=$(printf '%s\n' "${ours[@]}" | sort -n | head -1)
+    best_q=$(printf '%s\n' "${qemu[@]}" | sort -n | head -1)
+    ratio=$(awk -v a="$best_o" -v b="$best_q" 'BEGIN { printf "%.2f", a / b }')
+    echo "$name ($(fw_accel), mem $mem): time to marker, best of ${#ours[@]}: emudev ${best_o} s (${ours[*]}), built-in virtio-blk ${best_q} s (${qemu[*]}), ratio ${ratio}"
+    awk -v r="$ratio" -v m="${FW_MAX_RATIO:-3}" 'BEGIN { exit !(r <= m) }' \
+        || { echo "FAIL $name: ratio $ratio > ${FW_MAX_RATIO:-3}"; return 1; }
+    awk -v r="$ratio" 'BEGIN { exit !(r <= 1.5) }' \
+        || echo "NOTE $name: ratio $ratio is above the 1.5 target"
+    return 0
 }

@@ -1,7 +1,7 @@
 //! Serve virtio-net devices on vfio-user sockets (guest cases and benchmarks).
 //!
 //! ```text
-//! net-server [--pollers N] [--control FIFO]
+//! net-server [--pollers N] [--poll-us IDLE_US] [--control FIFO]
 //!     --device socket=PATH,backend=tap:IFNAME|switch:NAME[,mac=M][,queue-pairs=N]
 //!              [,queue-size=N][,mtu=N][,offloads=on|off][,mrg=on|off]   (repeatable)
 //! ```
@@ -123,6 +123,7 @@ fn main() {
     let mut specs = Vec::new();
     let mut pollers = 1usize;
     let mut control_path = None;
+    let mut cfg = emudev_virtio::PollerConfig::default();
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
         match a.as_str() {
@@ -135,13 +136,17 @@ fn main() {
             },
             "--pollers" => pollers = val().parse().unwrap_or(1),
             "--control" => control_path = Some(val()),
+            "--poll-us" => {
+                let us = val().parse().unwrap_or(50);
+                cfg.idle_before_sleep = std::time::Duration::from_micros(us);
+            }
             _ => {
                 eprintln!("net-server: unknown argument {a}");
                 std::process::exit(2);
             }
         }
     }
-    let pool = match PollerPool::new(pollers) {
+    let pool = match PollerPool::with_config(pollers, cfg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("net-server: pollers: {e}");
