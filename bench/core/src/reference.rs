@@ -78,18 +78,20 @@ fn handle(gm: &GuestMemoryMmap<()>, d: &[(u64, u32, bool)]) -> (u32, bool) {
             .checked_mul(512)
             .and_then(|o| o.checked_add(len))
             .is_some_and(|end| end <= CAPACITY)
-        && data.iter().all(|&(a, l, _)| match gm.get_slice(GuestAddress(a), l as usize) {
-            Ok(s) => {
-                if want_w {
-                    let g = s.ptr_guard_mut();
-                    // SAFETY: the guard's pointer is valid for `g.len()` writable bytes while
-                    // the slice lives (same fill as NullBackend::read_vectored).
-                    unsafe { std::ptr::write_bytes(g.as_ptr(), 0, g.len()) };
+        && data.iter().all(
+            |&(a, l, _)| match gm.get_slice(GuestAddress(a), l as usize) {
+                Ok(s) => {
+                    if want_w {
+                        let g = s.ptr_guard_mut();
+                        // SAFETY: the guard's pointer is valid for `g.len()` writable bytes while
+                        // the slice lives (same fill as NullBackend::read_vectored).
+                        unsafe { std::ptr::write_bytes(g.as_ptr(), 0, g.len()) };
+                    }
+                    true
                 }
-                true
-            }
-            Err(_) => false,
-        });
+                Err(_) => false,
+            },
+        );
     let status = if ok { 0u8 } else { 1u8 };
     if gm.write_obj(status, GuestAddress(st)).is_err() {
         return (0, false);

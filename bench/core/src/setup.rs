@@ -95,7 +95,8 @@ impl Fixture {
         }
         // SAFETY: `fd` is a fresh descriptor this function owns.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM_SIZE as u64).map_err(SetupError::Truncate)?;
+        file.set_len(MEM_SIZE as u64)
+            .map_err(SetupError::Truncate)?;
         let ram = Arc::new(
             MmapRegion::from_file(FileOffset::new(file, 0), MEM_SIZE).map_err(SetupError::Mmap)?,
         );
@@ -121,13 +122,12 @@ impl Fixture {
         }
         .map_err(SetupError::Mmap)?;
         let region = GuestRegionMmap::new(alias, GuestAddress(0)).map_err(SetupError::VmMemory)?;
-        let gm =
-            GuestMemoryMmap::from_regions(vec![region]).map_err(SetupError::VmMemory)?;
+        let gm = GuestMemoryMmap::from_regions(vec![region]).map_err(SetupError::VmMemory)?;
 
         let d = SplitDriver::new(mem.clone(), 0, QUEUE_SIZE);
         let (ty, data_flags) = match mix {
             Mix::Read | Mix::Ring => (0u32, desc_flags::WRITE), // VIRTIO_BLK_T_IN
-            Mix::Write => (1u32, 0),                // VIRTIO_BLK_T_OUT
+            Mix::Write => (1u32, 0),                            // VIRTIO_BLK_T_OUT
         };
         for i in 0..burst {
             let hdr = HDR_BASE + 64 * u64::from(i);
@@ -137,7 +137,13 @@ impl Fixture {
             h[8..].copy_from_slice(&(8 * u64::from(i)).to_le_bytes());
             mem.write(hdr, &h).map_err(|_| SetupError::Burst(burst))?;
             d.write_desc(3 * i, hdr, 16, desc_flags::NEXT, 3 * i + 1);
-            d.write_desc(3 * i + 1, data, DATA_LEN, desc_flags::NEXT | data_flags, 3 * i + 2);
+            d.write_desc(
+                3 * i + 1,
+                data,
+                DATA_LEN,
+                desc_flags::NEXT | data_flags,
+                3 * i + 2,
+            );
             d.write_desc(3 * i + 2, hdr + 16, 1, desc_flags::WRITE, 0);
         }
         // Slot s always carries request s % burst: a refill is only an avail idx store.

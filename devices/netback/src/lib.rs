@@ -10,6 +10,7 @@
 //! (in-process learning switch, one port per NIC).
 
 pub mod burst;
+pub mod gso;
 pub mod hdr;
 pub mod switch;
 pub mod tap;

@@ -6,8 +6,8 @@
 //! source MACs (bounded size; when full, unknown destinations are flooded). Every port queue
 //! is bounded and drops (and counts) when full; flooded frames (broadcast, multicast,
 //! unknown unicast) may fill only half of a queue, so floods cannot starve unicast traffic.
-//! Offloads the receiving port cannot take are finished here (checksum) or the frame is
-//! dropped (segmentation; we do not segment).
+//! Offloads the receiving port cannot take are finished here: checksums completed, TCP
+//! segmentation done in software (other segmentation offloads are dropped).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::gso::segment_tcp;
 use crate::hdr::{finish_checksum, Acceptance, VirtioNetHdr, VNET_HDR_LEN};
 use crate::{NetBackend, NetError, NetRx, NetTx, Offloads, RxVerdict, TxBurst, MAX_FRAME_LEN};
 
@@ -51,6 +52,8 @@ pub struct PortStats {
     pub rx_dropped_full: AtomicU64,
     /// Frames for this port dropped because it cannot take their offload.
     pub rx_dropped_offload: AtomicU64,
+    /// TSO frames for this port segmented in software.
+    pub rx_segmented: AtomicU64,
     /// Frames from this port that were malformed (too short) or hairpinned.
     pub tx_dropped: AtomicU64,
     /// Frames from this port that were flooded.
@@ -77,7 +80,9 @@ struct PortInner {
 }
 
 impl PortInner {
-    /// Queue a frame for this port. `buf` is taken (or handed back for reuse on drop).
+    /// Queue a frame for this port. `buf` is taken (swapped for a recycled buffer).
+    /// Offloads the port cannot take are finished here: partial checksums are completed and
+    /// TCP segmentation is done in software; other segmentation offloads are dropped.
     fn enqueue(&self, buf: &mut Vec<u8>, hash: u32, flooded: bool, opts: &SwitchOptions) -> bool {
         let offloads = Offloads::from_bits_truncate(self.offloads.load(Ordering::Relaxed));
         if let Some(h) = VirtioNetHdr::parse(buf) {
@@ -92,16 +97,47 @@ impl PortInner {
                     }
                 }
                 Acceptance::Drop => {
-                    self.stats
-                        .rx_dropped_offload
-                        .fetch_add(1, Ordering::Relaxed);
-                    return false;
+                    let mut scratch = Vec::new();
+                    let mut all = true;
+                    let r = segment_tcp(buf, &mut scratch, &mut |seg| {
+                        let mut b = self.free_buffer(hash);
+                        b.extend_from_slice(seg);
+                        all &= self.push(b, hash, flooded, opts);
+                    });
+                    if r.is_err() {
+                        self.stats
+                            .rx_dropped_offload
+                            .fetch_add(1, Ordering::Relaxed);
+                        return false;
+                    }
+                    self.stats.rx_segmented.fetch_add(1, Ordering::Relaxed);
+                    return all;
                 }
             }
         }
+        let fresh = self.free_buffer(hash);
+        self.push(std::mem::replace(buf, fresh), hash, flooded, opts)
+    }
+
+    fn queue_for(&self, hash: u32) -> Option<&PortQueue> {
         let active = self.active.load(Ordering::Relaxed).max(1) as u32;
         let qi = (hash % active) as usize;
-        let Some(q) = self.queues.get(qi).or(self.queues.first()) else {
+        self.queues.get(qi).or(self.queues.first())
+    }
+
+    /// An empty recycled buffer (or a new one).
+    fn free_buffer(&self, hash: u32) -> Vec<u8> {
+        let mut b = self
+            .queue_for(hash)
+            .and_then(|q| lock(&q.free).pop())
+            .unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    /// Append a finished frame to the queue the flow hashes to; false if dropped.
+    fn push(&self, frame: Vec<u8>, hash: u32, flooded: bool, opts: &SwitchOptions) -> bool {
+        let Some(q) = self.queue_for(hash) else {
             return false;
         };
         let limit = if flooded {
@@ -116,8 +152,7 @@ impl PortInner {
             return false;
         }
         let was_empty = frames.is_empty();
-        let fresh = lock(&q.free).pop().unwrap_or_default();
-        frames.push_back(std::mem::replace(buf, fresh));
+        frames.push_back(frame);
         drop(frames);
         self.stats.rx_queued.fetch_add(1, Ordering::Relaxed);
         if was_empty {
@@ -643,6 +678,31 @@ mod tests {
         pb.set_rx_offloads(Offloads::all()).unwrap();
         send(&pa, &[partial.clone(), tso.clone()]);
         assert_eq!(recv_all(&pb, 0), vec![partial, tso]);
+    }
+
+    #[test]
+    fn tso_to_a_port_without_tso_is_segmented() {
+        let sw = L2Switch::new("g", SwitchOptions::default());
+        let pa = sw.add_port(1).unwrap();
+        let pb = sw.add_port(1).unwrap();
+        let mut f = crate::gso::tests::tso_v4(4000, 1448, 0x18);
+        // Addressed to B's MAC (the helper's dst is 02:00:00:00:00:02).
+        pb.set_mac([2, 0, 0, 0, 0, 2]);
+        pb.set_rx_offloads(Offloads::CSUM).unwrap();
+        send(&pa, &[f.clone()]);
+        let got = recv_all(&pb, 0);
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|s| crate::gso::tests::tcp_ok(s)));
+        assert_eq!(pb.stats().rx_segmented.load(Ordering::Relaxed), 1);
+        // A receiver with TSO gets the frame as is.
+        pb.set_rx_offloads(Offloads::all()).unwrap();
+        send(&pa, &[f.clone()]);
+        assert_eq!(recv_all(&pb, 0), vec![f.clone()]);
+        // UDP GSO (not segmented here) is dropped.
+        f[1] = crate::hdr::gso::UDP_L4;
+        send(&pa, &[f]);
+        assert!(recv_all(&pb, 0).is_empty());
+        assert_eq!(pb.stats().rx_dropped_offload.load(Ordering::Relaxed), 1);
     }
 
     #[test]

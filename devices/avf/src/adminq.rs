@@ -1,0 +1,546 @@
+//! The admin queue engine (avf-device.md §3): consumes the ATQ, hands virtchnl requests to
+//! [`crate::pf::VfState`], produces replies and events into the ARQ and raises vector 0.
+//!
+//! It runs on a worker thread, never on the control thread: ring and buffer accesses may be
+//! DMA messages whose replies only the control thread routes. The state lock is never held
+//! across a guest-memory access; the reset epoch tells a pass that its snapshot went stale
+//! (a reset or an AQ shutdown happened meanwhile), so it commits nothing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use emudev::GuestMemory;
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::irq::Irqs;
+use crate::pf::{ArqMsg, VfState};
+use crate::regs;
+use crate::virtchnl::status;
+
+/// Admin-queue descriptor (32 bytes, both rings; §3.1). `addr_high` precedes `addr_low`.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct AqDesc {
+    pub flags: U16,
+    pub opcode: U16,
+    pub datalen: U16,
+    pub retval: U16,
+    pub cookie_high: U32,
+    pub cookie_low: U32,
+    pub param0: U32,
+    pub param1: U32,
+    pub addr_high: U32,
+    pub addr_low: U32,
+}
+
+impl AqDesc {
+    /// The external buffer address.
+    pub fn addr(&self) -> u64 {
+        (u64::from(self.addr_high.get()) << 32) | u64::from(self.addr_low.get())
+    }
+}
+
+/// Descriptor size.
+pub const DESC_SIZE: u64 = 32;
+/// Largest message buffer (IAVF_MAX_AQ_BUF_SIZE).
+pub const MAX_BUF: usize = 4096;
+/// Messages waiting for ARQ slots beyond which the oldest is dropped (OVFL).
+pub const OUTBOX_LIMIT: usize = 64;
+/// Descriptors handled per pass before re-checking for pause/shutdown.
+const PASS_BUDGET: usize = 1024;
+
+/// Descriptor flags (§3.2).
+pub mod flags {
+    pub const DD: u16 = 1 << 0;
+    pub const CMP: u16 = 1 << 1;
+    pub const ERR: u16 = 1 << 2;
+    pub const LB: u16 = 1 << 9;
+    pub const RD: u16 = 1 << 10;
+    pub const BUF: u16 = 1 << 12;
+    pub const SI: u16 = 1 << 13;
+}
+
+/// AQ opcodes.
+pub mod aq_op {
+    pub const QUEUE_SHUTDOWN: u16 = 0x0003;
+    pub const SEND_TO_PF: u16 = 0x0801;
+    pub const SEND_TO_VF: u16 = 0x0802;
+}
+
+/// AQ return code for an opcode we do not know (IAVF_AQ_RC_ENOSYS).
+pub const AQ_RC_ENOSYS: u16 = 17;
+
+/// The BAR0 register file as plain 32-bit storage, shared with the worker.
+#[derive(Debug)]
+pub struct RegFile(Vec<AtomicU32>);
+
+impl RegFile {
+    pub fn new() -> Self {
+        Self((0..regs::BAR0_SIZE / 4).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    fn slot(&self, off: u64) -> Option<&AtomicU32> {
+        usize::try_from(off / 4).ok().and_then(|i| self.0.get(i))
+    }
+
+    pub fn get(&self, off: u64) -> u32 {
+        self.slot(off).map_or(0, |r| r.load(Ordering::Acquire))
+    }
+
+    pub fn set(&self, off: u64, v: u32) {
+        if let Some(r) = self.slot(off) {
+            r.store(v, Ordering::Release);
+        }
+    }
+
+    pub fn or(&self, off: u64, v: u32) {
+        if let Some(r) = self.slot(off) {
+            r.fetch_or(v, Ordering::AcqRel);
+        }
+    }
+
+    /// Read and clear (ICR01).
+    pub fn take(&self, off: u64) -> u32 {
+        self.slot(off).map_or(0, |r| r.swap(0, Ordering::AcqRel))
+    }
+
+    /// Every register to 0.
+    pub fn clear(&self) {
+        self.0.iter().for_each(|r| r.store(0, Ordering::Release));
+    }
+}
+
+impl Default for RegFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// State protected by the core lock.
+#[derive(Debug)]
+pub struct Core {
+    pub vf: VfState,
+    pub outbox: VecDeque<ArqMsg>,
+    /// Reset the VF once the outbox drained (REQUEST_QUEUES granted).
+    pub reset_after_drain: bool,
+    /// ARQ messages delivered since creation.
+    pub delivered: u64,
+}
+
+/// Worker control.
+#[derive(Debug)]
+struct WorkCtl {
+    mem: Arc<GuestMemory>,
+    kick: bool,
+    paused: bool,
+    busy: bool,
+    shutdown: bool,
+}
+
+/// Everything the control thread and the worker share.
+#[derive(Debug)]
+pub struct Shared {
+    pub regs: RegFile,
+    pub core: Mutex<Core>,
+    pub irqs: Irqs,
+    /// Bumped by every reset and AQ shutdown; passes that saw an older value commit nothing.
+    pub epoch: AtomicU64,
+    work: Mutex<WorkCtl>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long quiesce waits for a pass in flight.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Shared {
+    pub fn new(vf: VfState, irqs: Irqs) -> Self {
+        let s = Self {
+            regs: RegFile::new(),
+            core: Mutex::new(Core {
+                vf,
+                outbox: VecDeque::new(),
+                reset_after_drain: false,
+                delivered: 0,
+            }),
+            irqs,
+            epoch: AtomicU64::new(0),
+            work: Mutex::new(WorkCtl {
+                mem: Arc::new(GuestMemory::empty()),
+                kick: false,
+                paused: false,
+                busy: false,
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+        };
+        s.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_VFACTIVE);
+        s
+    }
+
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    /// Ask the worker for a pass.
+    pub fn kick(&self) {
+        let mut w = lock(&self.work);
+        w.kick = true;
+        self.cv.notify_all();
+    }
+
+    pub fn set_memory(&self, mem: Arc<GuestMemory>) {
+        lock(&self.work).mem = mem;
+    }
+
+    /// Pause the worker and wait (bounded) for its pass in flight. A pass that may be
+    /// waiting for DMA messages is not waited for (the caller routes them); the epoch bump
+    /// keeps it from committing.
+    pub fn quiesce(&self) -> bool {
+        let mut w = lock(&self.work);
+        w.paused = true;
+        if !w.mem.all_mapped() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        while w.busy {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            w = self
+                .cv
+                .wait_timeout(w, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    pub fn resume(&self) {
+        let mut w = lock(&self.work);
+        w.paused = false;
+        self.cv.notify_all();
+    }
+
+    pub fn shutdown(&self) {
+        let mut w = lock(&self.work);
+        w.shutdown = true;
+        self.cv.notify_all();
+    }
+
+    /// The AQ part of a reset, with the core lock held: AQ registers zeroed, outbox dropped.
+    fn teardown_aq(&self, core: &mut Core) {
+        for r in [
+            regs::VF_ATQH,
+            regs::VF_ATQT,
+            regs::VF_ATQLEN,
+            regs::VF_ATQBAL,
+            regs::VF_ATQBAH,
+            regs::VF_ARQH,
+            regs::VF_ARQT,
+            regs::VF_ARQLEN,
+            regs::VF_ARQBAL,
+            regs::VF_ARQBAH,
+        ] {
+            self.regs.set(r, 0);
+        }
+        core.outbox.clear();
+        core.reset_after_drain = false;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// VF reset (§6.2 device actions): RSTAT 0, AQ torn down, queues/IRQ map/filters/RSS
+    /// forgotten, every register back to 0, then RSTAT 2.
+    pub fn vf_reset(&self, core: &mut Core, device: bool) {
+        self.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_INPROGRESS);
+        self.teardown_aq(core);
+        if device {
+            core.vf.reset_device();
+        } else {
+            core.vf.reset_vf();
+        }
+        self.irqs.reset();
+        self.regs.clear();
+        self.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_VFACTIVE);
+    }
+
+    /// ATQLEN or ARQLEN written; `old` is the previous value.
+    pub fn aq_len_written(&self, off: u64, old: u32, new: u32) {
+        if old & regs::AQ_LEN_ENABLE != 0 && new & regs::AQ_LEN_ENABLE == 0 {
+            let mut core = self.core();
+            core.outbox.clear();
+            core.reset_after_drain = false;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            log::debug!("avf: AQ disabled via {off:#x}; outbox dropped");
+        }
+        self.kick();
+    }
+}
+
+/// The worker thread body.
+pub fn worker_loop(shared: &Shared) {
+    loop {
+        let mem = {
+            let mut w = lock(&shared.work);
+            while !w.shutdown && !(w.kick && !w.paused) {
+                w = shared.cv.wait(w).unwrap_or_else(PoisonError::into_inner);
+            }
+            if w.shutdown {
+                return;
+            }
+            w.kick = false;
+            w.busy = true;
+            w.mem.clone()
+        };
+        let again = run_pass(shared, &mem);
+        let mut w = lock(&shared.work);
+        w.busy = false;
+        w.kick |= again;
+        shared.cv.notify_all();
+    }
+}
+
+/// One pass: drain the ATQ, then deliver the outbox. Returns true if work remains.
+pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
+    let more = process_atq(shared, mem);
+    deliver_arq(shared, mem);
+    let drained_reset = {
+        let mut core = shared.core();
+        if core.reset_after_drain && core.outbox.is_empty() {
+            core.reset_after_drain = false;
+            true
+        } else {
+            false
+        }
+    };
+    if drained_reset {
+        // §6.3: give the VF a moment to see RESET_IMPENDING before the reset.
+        std::thread::sleep(Duration::from_millis(10));
+        let mut core = shared.core();
+        shared.vf_reset(&mut core, false);
+    }
+    more
+}
+
+/// Ring geometry read from the registers; `None` if disabled or inconsistent (then the
+/// CRIT flag is set on the LEN register).
+fn ring(shared: &Shared, len_reg: u64, bal: u64, bah: u64, h: u64, t: u64) -> Option<(u64, u32, u32, u32)> {
+    let lenv = shared.regs.get(len_reg);
+    let len = lenv & regs::AQ_LEN_MASK;
+    if lenv & regs::AQ_LEN_ENABLE == 0 || len == 0 {
+        return None;
+    }
+    let base = (u64::from(shared.regs.get(bah)) << 32) | u64::from(shared.regs.get(bal));
+    let head = shared.regs.get(h) & regs::AQ_PTR_MASK;
+    let tail = shared.regs.get(t) & regs::AQ_PTR_MASK;
+    if head >= len || tail >= len {
+        log::warn!("avf: AQ {len_reg:#x}: head {head} / tail {tail} outside ring of {len}");
+        shared.regs.or(len_reg, regs::AQ_LEN_CRIT);
+        return None;
+    }
+    Some((base, len, head, tail))
+}
+
+fn desc_addr(base: u64, idx: u32) -> Option<u64> {
+    base.checked_add(u64::from(idx) * DESC_SIZE)
+}
+
+/// Write a descriptor, its flags word last after a release fence.
+fn write_desc(mem: &GuestMemory, gpa: u64, d: &AqDesc) -> Result<(), emudev::MemError> {
+    let bytes = d.as_bytes();
+    mem.write(gpa.wrapping_add(2), &bytes[2..])?;
+    fence(Ordering::Release);
+    mem.write(gpa, &bytes[..2])
+}
+
+fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
+    for _ in 0..PASS_BUDGET {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        let Some((base, len, head, tail)) = ring(
+            shared,
+            regs::VF_ATQLEN,
+            regs::VF_ATQBAL,
+            regs::VF_ATQBAH,
+            regs::VF_ATQH,
+            regs::VF_ATQT,
+        ) else {
+            return false;
+        };
+        if head == tail {
+            return false;
+        }
+        let Some(gpa) = desc_addr(base, head) else {
+            shared.regs.or(regs::VF_ATQLEN, regs::AQ_LEN_CRIT);
+            return false;
+        };
+        let mut desc = match mem.read_obj::<AqDesc>(gpa) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("avf: ATQ descriptor at {gpa:#x}: {e}");
+                shared.regs.or(regs::VF_ATQLEN, regs::AQ_LEN_CRIT);
+                return false;
+            }
+        };
+        // Payload: only with BUF and a non-zero length.
+        let dlen = usize::from(desc.datalen.get());
+        let payload: Result<Vec<u8>, i32> = if desc.flags.get() & flags::BUF != 0 && dlen > 0 {
+            if dlen > MAX_BUF {
+                Err(status::ERR_PARAM)
+            } else {
+                let mut buf = vec![0u8; dlen];
+                match mem.read(desc.addr(), &mut buf) {
+                    Ok(()) => Ok(buf),
+                    Err(e) => {
+                        log::warn!("avf: ATQ buffer {:#x}+{dlen}: {e}", desc.addr());
+                        Err(status::ERR_PARAM)
+                    }
+                }
+            }
+        } else {
+            Ok(Vec::new())
+        };
+        let v_op = desc.cookie_high.get();
+        let (retval, outcome) = match desc.opcode.get() {
+            aq_op::SEND_TO_PF => {
+                let mut core = shared.core();
+                if shared.epoch.load(Ordering::Acquire) != epoch {
+                    continue;
+                }
+                let out = match payload {
+                    Ok(msg) => core.vf.handle(v_op, &msg, mem),
+                    Err(st) => crate::pf::Outcome {
+                        messages: vec![ArqMsg {
+                            opcode: v_op,
+                            status: st,
+                            data: Vec::new(),
+                        }],
+                        reset: false,
+                    },
+                };
+                (0, Some(out))
+            }
+            aq_op::QUEUE_SHUTDOWN => (0, None),
+            other => {
+                log::debug!("avf: unknown AQ opcode {other:#x}");
+                (AQ_RC_ENOSYS, None)
+            }
+        };
+        desc.flags = (desc.flags.get() | flags::DD | flags::CMP).into();
+        desc.retval = retval.into();
+        if let Err(e) = write_desc(mem, gpa, &desc) {
+            log::warn!("avf: ATQ write-back at {gpa:#x}: {e}");
+        }
+        let mut core = shared.core();
+        if shared.epoch.load(Ordering::Acquire) != epoch {
+            continue;
+        }
+        shared.regs.set(regs::VF_ATQH, (head + 1) % len);
+        if let Some(out) = outcome {
+            for m in out.messages {
+                if core.outbox.len() >= OUTBOX_LIMIT {
+                    core.outbox.pop_front();
+                    shared.regs.or(regs::VF_ARQLEN, regs::AQ_LEN_OVFL);
+                }
+                core.outbox.push_back(m);
+            }
+            if out.reset {
+                if core.outbox.is_empty() {
+                    shared.vf_reset(&mut core, false);
+                    return false;
+                }
+                core.reset_after_drain = true;
+            }
+        }
+    }
+    true
+}
+
+fn deliver_arq(shared: &Shared, mem: &GuestMemory) {
+    loop {
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        let (msg, base, len, head) = {
+            let core = shared.core();
+            let Some(msg) = core.outbox.front().cloned() else {
+                return;
+            };
+            let Some((base, len, head, tail)) = ring(
+                shared,
+                regs::VF_ARQLEN,
+                regs::VF_ARQBAL,
+                regs::VF_ARQBAH,
+                regs::VF_ARQH,
+                regs::VF_ARQT,
+            ) else {
+                return;
+            };
+            if head == tail {
+                return;
+            }
+            (msg, base, len, head)
+        };
+        let Some(gpa) = desc_addr(base, head) else {
+            shared.regs.or(regs::VF_ARQLEN, regs::AQ_LEN_CRIT);
+            return;
+        };
+        let mut desc = match mem.read_obj::<AqDesc>(gpa) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("avf: ARQ descriptor at {gpa:#x}: {e}");
+                shared.regs.or(regs::VF_ARQLEN, regs::AQ_LEN_CRIT);
+                return;
+            }
+        };
+        let posted = desc.flags.get();
+        let cap = if posted & flags::BUF != 0 {
+            usize::from(desc.datalen.get()).min(MAX_BUF)
+        } else {
+            0
+        };
+        let n = msg.data.len().min(cap);
+        let mut st = msg.status;
+        let mut written = n;
+        if n < msg.data.len() {
+            log::warn!("avf: ARQ buffer of {cap} bytes too small for {}", msg.data.len());
+            st = status::ERR_ADMIN_QUEUE_ERROR;
+            written = 0;
+        } else if n > 0 {
+            if let Err(e) = mem.write(desc.addr(), &msg.data[..n]) {
+                log::warn!("avf: ARQ buffer {:#x}: {e}", desc.addr());
+                st = status::ERR_ADMIN_QUEUE_ERROR;
+                written = 0;
+            }
+        }
+        desc.flags = ((posted & !flags::ERR) | flags::DD | flags::CMP).into();
+        desc.opcode = aq_op::SEND_TO_VF.into();
+        desc.datalen = (written as u16).into();
+        desc.retval = 0.into();
+        desc.cookie_high = msg.opcode.into();
+        desc.cookie_low = (st as u32).into();
+        desc.param0 = 0.into();
+        desc.param1 = 0.into();
+        if let Err(e) = write_desc(mem, gpa, &desc) {
+            log::warn!("avf: ARQ descriptor write at {gpa:#x}: {e}");
+            shared.regs.or(regs::VF_ARQLEN, regs::AQ_LEN_CRIT);
+            return;
+        }
+        {
+            let mut core = shared.core();
+            if shared.epoch.load(Ordering::Acquire) != epoch {
+                return;
+            }
+            core.outbox.pop_front();
+            core.delivered += 1;
+            shared.regs.set(regs::VF_ARQH, (head + 1) % len);
+        }
+        shared.regs.or(regs::VFINT_ICR01, regs::ICR0_ADMINQ);
+        shared.irqs.event(0);
+    }
+}
