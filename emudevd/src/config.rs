@@ -87,12 +87,30 @@ pub struct BlkSpec {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: String,
+    /// `tcg-boot=on`: write guest memory below 1 MiB by DMA_WRITE message, so firmware can
+    /// boot from this disk under QEMU's TCG (issue 11). Off by default: a client must then
+    /// serve DMA_WRITE for fd-backed maps too (QEMU does; simple test clients do not).
+    pub tcg_boot: bool,
+}
+
+/// virtio-net options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// A kernel tap (`backend=tap,ifname=NAME`) or a port on an in-process switch
+    /// (`backend=switch[,switch=NAME]`, the default when no backend is given).
+    pub backend: emudev_net::BackendSpec,
+    pub mac: [u8; 6],
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    pub mtu: Option<u16>,
+    pub offloads: bool,
 }
 
 /// What kind of device, with its typed options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     VirtioBlk(BlkSpec),
+    VirtioNet(NetSpec),
     /// The emudev test device (registers, DMA engine, doorbell page, MSI-X).
     TestDev,
 }
@@ -101,6 +119,7 @@ impl DeviceKind {
     pub fn type_name(&self) -> &'static str {
         match self {
             DeviceKind::VirtioBlk(_) => "virtio-blk",
+            DeviceKind::VirtioNet(_) => "virtio-net",
             DeviceKind::TestDev => "testdev",
         }
     }
@@ -136,7 +155,7 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// Device types this daemon serves, for messages and `--print-capabilities`.
-pub const KNOWN_TYPES: &str = "virtio-blk, testdev";
+pub const KNOWN_TYPES: &str = "virtio-blk, virtio-net, testdev";
 
 struct Opts {
     index: usize,
@@ -281,6 +300,7 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
                 "num-queues",
                 "queue-size",
                 "serial",
+                "tcg-boot",
             ];
             let backend_name = o.take("backend").unwrap_or_else(|| "file".into());
             let direct = o.bool("direct", false)?;
@@ -302,6 +322,7 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
                 other => return Err(o.bad("backend", other, "expected file or null")),
             };
             let readonly = o.bool("readonly", false)?;
+            let tcg_boot = o.bool("tcg-boot", false)?;
             let num_queues = o.num("num-queues", 1u16, 1, 64)?;
             let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
             if !queue_size.is_power_of_two() {
@@ -324,6 +345,70 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
                 num_queues,
                 queue_size,
                 serial,
+                tcg_boot,
+            })
+        }
+        "virtio-net" => {
+            const KNOWN: &[&str] = &[
+                "socket",
+                "id",
+                "backend",
+                "ifname",
+                "switch",
+                "mac",
+                "queue-pairs",
+                "queue-size",
+                "mtu",
+                "offloads",
+            ];
+            // A NIC given no backend joins the in-process switch.
+            let backend = match o.take("backend").as_deref().unwrap_or("switch") {
+                "tap" => emudev_net::BackendSpec::Tap {
+                    ifname: o.take("ifname").ok_or(ConfigError::Missing {
+                        index,
+                        kind: kind.clone(),
+                        key: "ifname",
+                    })?,
+                },
+                "switch" => emudev_net::BackendSpec::Switch {
+                    name: o.take("switch").unwrap_or_else(|| "default".into()),
+                },
+                other => return Err(o.bad("backend", other, "expected tap or switch")),
+            };
+            let mac = match o.take("mac") {
+                Some(m) => {
+                    emudev_net::parse_mac(&m).map_err(|e| o.bad("mac", &m, e.to_string()))?
+                }
+                // Locally administered, unicast, distinct per device.
+                None => [0x52, 0x54, 0x00, 0xe0, (index >> 8) as u8, index as u8],
+            };
+            let queue_pairs = o.num("queue-pairs", 1u16, 1, 64)?;
+            let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
+            if !queue_size.is_power_of_two() {
+                return Err(o.bad(
+                    "queue-size",
+                    &queue_size.to_string(),
+                    "must be a power of two",
+                ));
+            }
+            let mtu = match o.take("mtu") {
+                None => None,
+                Some(v) => Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|m| *m >= 68)
+                        .ok_or_else(|| o.bad("mtu", &v, "expected 68 to 65535"))?,
+                ),
+            };
+            let offloads = o.bool("offloads", true)?;
+            o.finish(KNOWN)?;
+            DeviceKind::VirtioNet(NetSpec {
+                backend,
+                mac,
+                queue_pairs,
+                queue_size,
+                mtu,
+                offloads,
             })
         }
         "testdev" => {
@@ -375,6 +460,52 @@ pub fn parse_devices(args: &[String]) -> Result<Vec<DeviceSpec>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_boot_is_off_unless_asked() {
+        let blk = |spec: &str| match parse_device(0, spec).unwrap().kind {
+            DeviceKind::VirtioBlk(b) => b,
+            _ => panic!("not blk"),
+        };
+        assert!(!blk("virtio-blk,socket=s,path=d").tcg_boot);
+        assert!(blk("virtio-blk,socket=s,path=d,tcg-boot=on").tcg_boot);
+        assert!(parse_device(0, "virtio-blk,socket=s,path=d,tcg-boot=maybe").is_err());
+    }
+
+    #[test]
+    fn nics_join_the_switch_unless_given_a_tap() {
+        let net = |spec: &str| match parse_device(3, spec).unwrap().kind {
+            DeviceKind::VirtioNet(n) => n,
+            _ => panic!("not net"),
+        };
+        let n = net("virtio-net,socket=s");
+        assert_eq!(
+            n.backend,
+            emudev_net::BackendSpec::Switch {
+                name: "default".into()
+            }
+        );
+        assert_eq!(n.mac, [0x52, 0x54, 0x00, 0xe0, 0, 3]);
+        assert!(n.offloads);
+        let n = net("virtio-net,socket=s,backend=tap,ifname=tap0,mac=02:00:00:00:00:01,queue-pairs=4,mtu=9000,offloads=off");
+        assert_eq!(
+            n.backend,
+            emudev_net::BackendSpec::Tap {
+                ifname: "tap0".into()
+            }
+        );
+        assert_eq!(
+            (n.mac[0], n.queue_pairs, n.mtu, n.offloads),
+            (2, 4, Some(9000), false)
+        );
+        let e = parse_device(0, "virtio-net,socket=s,backend=tap").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "device 0 (virtio-net): missing option 'ifname'"
+        );
+        assert!(parse_device(0, "virtio-net,socket=s,mtu=10").is_err());
+        assert!(parse_device(0, "virtio-net,socket=s,mac=zz").is_err());
+    }
 
     #[test]
     fn parses_the_documented_disk_example() {

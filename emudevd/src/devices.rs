@@ -87,6 +87,7 @@ pub fn prepare(spec: &DeviceSpec) -> Result<(), DeviceError> {
 #[derive(Clone)]
 enum Typed {
     Blk(Arc<Mutex<VirtioPciDevice<VirtioBlkDevice>>>),
+    Net(Arc<Mutex<VirtioPciDevice<emudev_net::VirtioNetDevice>>>),
     TestDev,
 }
 
@@ -280,12 +281,34 @@ impl Registry {
                 let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::TestDev, None, run)
             }
+            DeviceKind::VirtioNet(n) => {
+                let opts = emudev_net::NetOptions {
+                    mac: n.mac,
+                    queue_pairs: n.queue_pairs,
+                    queue_size: n.queue_size,
+                    mtu: n.mtu,
+                    offloads: n.offloads,
+                    ..Default::default()
+                };
+                let dev = emudev_net::virtio_net_pci(&name, &n.backend, opts, &self.pool)
+                    .map_err(build)?;
+                let adapter = VfioUserAdapter::new(dev);
+                let shared = adapter.device().clone();
+                let st = adapter.state_cell().clone();
+                let server = Server::from_listener(listener, adapter, ServerOptions::default())
+                    .map_err(|e| build(e.to_string()))?;
+                let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
+                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
+                (model, Typed::Net(shared), None, run)
+            }
             DeviceKind::VirtioBlk(b) => {
                 let (dev, backend) = virtio_blk(&name, b, &self.pool).map_err(build)?;
                 let mut adapter = VfioUserAdapter::new(dev);
-                // A boot disk: firmware (SeaBIOS, boot sectors) must see our writes below
-                // 1 MiB under QEMU's TCG, so those go by DMA_WRITE message (issue 11).
-                adapter.set_message_writes_below(emudev::memory::LEGACY_LOW_MEM_END);
+                if b.tcg_boot {
+                    // A boot disk under TCG: QEMU must see our writes below 1 MiB (boot
+                    // sectors load code over code that already ran), so DMA_WRITE them.
+                    adapter.set_message_writes_below(emudev::memory::LEGACY_LOW_MEM_END);
+                }
                 let shared = adapter.device().clone();
                 let st = adapter.state_cell().clone();
                 let server = Server::from_listener(listener, adapter, ServerOptions::default())
@@ -417,6 +440,7 @@ impl Registry {
             .map(|p| {
                 let (queues, counters) = match &p.typed {
                     Typed::Blk(d) => blk_stats(d),
+                    Typed::Net(d) => (Vec::new(), lock(d).device().named_stats()),
                     Typed::TestDev => (Vec::new(), testdev_stats(&p.model)),
                 };
                 DeviceStat {

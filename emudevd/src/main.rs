@@ -22,7 +22,11 @@ Options:
   --device SPEC          a device to serve (repeatable). Types and their options:
                            virtio-blk,socket=PATH,path=IMAGE[,readonly=on][,direct=on]
                                      [,num-queues=N][,queue-size=N][,serial=STR]
+                                     [,tcg-boot=on]  (firmware boot under QEMU TCG)
                            virtio-blk,socket=PATH,backend=null[,size=1G]
+                           virtio-net,socket=PATH[,backend=switch][,switch=NAME]
+                                     | backend=tap,ifname=TAP [,mac=52:54:00:..]
+                                     [,queue-pairs=N][,queue-size=N][,mtu=N][,offloads=off]
                            testdev,socket=PATH
                          every type also takes id=NAME (default: TYPE followed by its index)
   --socket-path PATH     socket for a single --device given without socket=
@@ -136,10 +140,18 @@ fn capabilities() -> serde_json::Value {
         "devices": {
             "virtio-blk": {
                 "options": ["socket", "id", "path", "backend", "size", "readonly", "direct",
-                            "num-queues", "queue-size", "serial"],
+                            "num-queues", "queue-size", "serial", "tcg-boot"],
                 "features": ["seg-max", "size-max", "blk-size", "flush", "mq", "get-id",
                              "discard", "write-zeroes", "ro", "packed-ring", "event-idx",
                              "indirect-desc", "ring-reset"]
+            },
+            "virtio-net": {
+                "options": ["socket", "id", "backend", "ifname", "switch", "mac", "queue-pairs",
+                            "queue-size", "mtu", "offloads"],
+                "backends": ["tap", "switch"],
+                "features": ["mac", "status", "mrg-rxbuf", "csum", "guest-csum", "host-tso4",
+                             "host-tso6", "host-ecn", "guest-tso4", "guest-tso6", "guest-ecn",
+                             "mq", "ctrl-vq", "ctrl-rx", "ctrl-mac-addr", "announce", "mtu"]
             },
             "testdev": { "options": ["socket", "id"] }
         },

@@ -79,7 +79,11 @@ pub struct RegFile(Vec<AtomicU32>);
 
 impl RegFile {
     pub fn new() -> Self {
-        Self((0..regs::BAR0_SIZE / 4).map(|_| AtomicU32::new(0)).collect())
+        Self(
+            (0..regs::BAR0_SIZE / 4)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+        )
     }
 
     fn slot(&self, off: u64) -> Option<&AtomicU32> {
@@ -200,13 +204,12 @@ impl Shared {
     }
 
     /// Pause the worker and wait (bounded) for its pass in flight. A pass that may be
-    /// waiting for DMA messages is not waited for (the caller routes them); the epoch bump
-    /// keeps it from committing.
+    /// waiting for DMA messages is not waited for (the caller routes them).
     pub fn quiesce(&self) -> bool {
         let mut w = lock(&self.work);
         w.paused = true;
         if !w.mem.all_mapped() {
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            // Commits only touch registers; the closed message port fails its DMA.
             return true;
         }
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
@@ -290,7 +293,7 @@ pub fn worker_loop(shared: &Shared) {
     loop {
         let mem = {
             let mut w = lock(&shared.work);
-            while !w.shutdown && !(w.kick && !w.paused) {
+            while !w.shutdown && (!w.kick || w.paused) {
                 w = shared.cv.wait(w).unwrap_or_else(PoisonError::into_inner);
             }
             if w.shutdown {
@@ -332,7 +335,14 @@ pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
 
 /// Ring geometry read from the registers; `None` if disabled or inconsistent (then the
 /// CRIT flag is set on the LEN register).
-fn ring(shared: &Shared, len_reg: u64, bal: u64, bah: u64, h: u64, t: u64) -> Option<(u64, u32, u32, u32)> {
+fn ring(
+    shared: &Shared,
+    len_reg: u64,
+    bal: u64,
+    bah: u64,
+    h: u64,
+    t: u64,
+) -> Option<(u64, u32, u32, u32)> {
     let lenv = shared.regs.get(len_reg);
     let len = lenv & regs::AQ_LEN_MASK;
     if lenv & regs::AQ_LEN_ENABLE == 0 || len == 0 {
@@ -408,6 +418,10 @@ fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
             Ok(Vec::new())
         };
         let v_op = desc.cookie_high.get();
+        log::debug!(
+            "avf: ATQ[{head}] aq op {:#x} virtchnl op {v_op} len {dlen}",
+            desc.opcode.get()
+        );
         let (retval, outcome) = match desc.opcode.get() {
             aq_op::SEND_TO_PF => {
                 let mut core = shared.core();
@@ -508,7 +522,10 @@ fn deliver_arq(shared: &Shared, mem: &GuestMemory) {
         let mut st = msg.status;
         let mut written = n;
         if n < msg.data.len() {
-            log::warn!("avf: ARQ buffer of {cap} bytes too small for {}", msg.data.len());
+            log::warn!(
+                "avf: ARQ buffer of {cap} bytes too small for {}",
+                msg.data.len()
+            );
             st = status::ERR_ADMIN_QUEUE_ERROR;
             written = 0;
         } else if n > 0 {
@@ -518,6 +535,10 @@ fn deliver_arq(shared: &Shared, mem: &GuestMemory) {
                 written = 0;
             }
         }
+        log::debug!(
+            "avf: ARQ[{head}] op {} status {st} len {written}",
+            msg.opcode
+        );
         desc.flags = ((posted & !flags::ERR) | flags::DD | flags::CMP).into();
         desc.opcode = aq_op::SEND_TO_VF.into();
         desc.datalen = (written as u16).into();

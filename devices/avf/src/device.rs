@@ -153,8 +153,7 @@ impl AvfDevice {
                 r.set(off, v);
                 if let Some(vector) = regs::dyn_ctl_vector(off) {
                     self.shared.irqs.dyn_ctl(vector, v);
-                } else if regs::tx_tail_queue(off).is_some() || regs::rx_tail_queue(off).is_some()
-                {
+                } else if regs::tx_tail_queue(off).is_some() || regs::rx_tail_queue(off).is_some() {
                     // Latched; the datapath (not yet written) picks tails up from here.
                 }
             }
@@ -248,6 +247,14 @@ impl DeviceModel for AvfDevice {
     fn resume(&mut self) {
         self.shared.resume();
         self.shared.kick();
+    }
+
+    fn stop(&mut self) {
+        // Wait for a pass in flight, then let the next client's driver use the AQ again.
+        if !self.shared.quiesce() {
+            log::warn!("{}: admin-queue pass did not finish on detach", self.name);
+        }
+        self.shared.resume();
     }
 
     fn reset(&mut self) {

@@ -8,11 +8,13 @@
 //! - [`pf`]: the PF side of virtchnl (per-VF state, one handler per request).
 //! - [`adminq`]: the admin-queue engine (ATQ consumer, ARQ producer) on a worker thread.
 //! - [`irq`]: the per-vector interrupt model (auto-mask, INTENA re-arm, SWINT_TRIG).
+//! - [`desc`]: TX/RX descriptor decode/encode and TX offloads as a vnet header.
 //! - [`device`]: the [`emudev::DeviceModel`] tying them to the PCI function.
 //!
 //! Not yet written: the TX/RX datapath (tails are latched in BAR0 for it).
 
 pub mod adminq;
+pub mod desc;
 pub mod device;
 pub mod irq;
 pub mod pf;

@@ -248,7 +248,11 @@ impl VfState {
                 if self.caps & cap::RSS_PF == 0 {
                     status_only(opcode, status::ERR_NOT_SUPPORTED)
                 } else {
-                    Outcome::reply(opcode, status::SUCCESS, vc::HENA_CAPS.to_le_bytes().to_vec())
+                    Outcome::reply(
+                        opcode,
+                        status::SUCCESS,
+                        vc::HENA_CAPS.to_le_bytes().to_vec(),
+                    )
                 }
             }
             op::SET_RSS_HENA => status_only(opcode, self.set_hena(msg)),
@@ -489,7 +493,8 @@ impl VfState {
                 }
             }
         } else {
-            self.mac_filters.retain(|m| !list.iter().any(|e| e.addr == *m));
+            self.mac_filters
+                .retain(|m| !list.iter().any(|e| e.addr == *m));
         }
         status::SUCCESS
     }
@@ -576,9 +581,17 @@ impl VfState {
         let req = req.get();
         let max = self.cfg.queue_pairs;
         if req == 0 || req > max {
-            return Outcome::reply(op::REQUEST_QUEUES, status::SUCCESS, max.to_le_bytes().to_vec());
+            return Outcome::reply(
+                op::REQUEST_QUEUES,
+                status::SUCCESS,
+                max.to_le_bytes().to_vec(),
+            );
         }
-        let mut out = Outcome::reply(op::REQUEST_QUEUES, status::SUCCESS, req.to_le_bytes().to_vec());
+        let mut out = Outcome::reply(
+            op::REQUEST_QUEUES,
+            status::SUCCESS,
+            req.to_le_bytes().to_vec(),
+        );
         if req != self.num_queue_pairs {
             self.num_queue_pairs = req;
             let ev = vc::PfEvent {
@@ -604,6 +617,7 @@ fn ring(mem: &GuestMemory, addr: u64, len: u32, desc: u64) -> Option<u16> {
         return None;
     }
     let bytes = u64::from(len).checked_mul(desc)?;
-    let ok = mem.check_range(addr, bytes, Access::Read) && mem.check_range(addr, bytes, Access::Write);
+    let ok =
+        mem.check_range(addr, bytes, Access::Read) && mem.check_range(addr, bytes, Access::Write);
     ok.then(|| u16::try_from(len).ok()).flatten()
 }

@@ -1,0 +1,1165 @@
+//! Device tests over the in-process transport, driving the admin queue the way the Linux
+//! iavf driver does: descriptor rings and buffers in guest RAM, doorbells through BAR0.
+
+use std::time::{Duration, Instant};
+
+use emudev::InProc;
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::adminq::{aq_op, flags, AqDesc};
+use crate::pf::VfConfig;
+use crate::regs::*;
+use crate::virtchnl::{self as vc, cap, op, status};
+use crate::AvfDevice;
+use emudev::DeviceModel;
+
+const ATQ_BASE: u64 = 0x1_0000;
+const ARQ_BASE: u64 = 0x1_1000;
+const ATQ_BUFS: u64 = 0x2_0000;
+const ARQ_BUFS: u64 = 0x4_0000;
+const RING: u32 = 32;
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// What Linux 6.12 requests in GET_VF_RESOURCES.
+const LINUX_CAPS: u32 = 0x1ABD_8CF9;
+
+/// A minimal iavf-like driver.
+struct Drv {
+    ip: InProc<AvfDevice>,
+    atq_ntu: u32,
+    arq_ntc: u32,
+}
+
+fn ok<T, E: std::fmt::Debug>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f()
+}
+
+impl Drv {
+    fn new(queue_pairs: u16) -> Self {
+        let cfg = VfConfig {
+            queue_pairs,
+            ..VfConfig::default()
+        };
+        let dev = ok(AvfDevice::new("avf-test", cfg));
+        let mut d = Self {
+            ip: ok(InProc::new(dev, 4)),
+            atq_ntu: 0,
+            arq_ntc: 0,
+        };
+        d.init_aq();
+        d
+    }
+
+    fn rd(&mut self, off: u64) -> u32 {
+        ok(self.ip.read32(0, off))
+    }
+
+    fn wr(&mut self, off: u64, v: u32) {
+        ok(self.ip.write32(0, off, v));
+    }
+
+    fn put(&self, gpa: u64, data: &[u8]) {
+        ok(self.ip.mem().write(gpa, data));
+    }
+
+    fn get(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        ok(self.ip.mem().read(gpa, &mut b));
+        b
+    }
+
+    fn desc(&self, gpa: u64) -> AqDesc {
+        ok(AqDesc::read_from_bytes(&self.get(gpa, 32)))
+    }
+
+    fn post_arq(&self, i: u32) {
+        let buf = ARQ_BUFS + u64::from(i) * 4096;
+        let d = AqDesc {
+            flags: (flags::BUF | flags::LB).into(),
+            datalen: 4096.into(),
+            addr_high: ((buf >> 32) as u32).into(),
+            addr_low: (buf as u32).into(),
+            ..AqDesc::default()
+        };
+        self.put(ARQ_BASE + u64::from(i) * 32, d.as_bytes());
+    }
+
+    /// §3.3/§3.4 init order, with the read-backs the driver does.
+    fn init_aq(&mut self) {
+        self.atq_ntu = 0;
+        self.arq_ntc = 0;
+        self.wr(VF_ATQH, 0);
+        self.wr(VF_ATQT, 0);
+        self.wr(VF_ATQLEN, RING | AQ_LEN_ENABLE);
+        self.wr(VF_ATQBAL, ATQ_BASE as u32);
+        self.wr(VF_ATQBAH, 0);
+        assert_eq!(self.rd(VF_ATQBAL), ATQ_BASE as u32);
+        for i in 0..RING {
+            self.post_arq(i);
+        }
+        self.wr(VF_ARQH, 0);
+        self.wr(VF_ARQT, 0);
+        self.wr(VF_ARQLEN, RING | AQ_LEN_ENABLE);
+        self.wr(VF_ARQBAL, ARQ_BASE as u32);
+        self.wr(VF_ARQBAH, 0);
+        self.wr(VF_ARQT, RING - 1);
+        assert_eq!(self.rd(VF_ARQBAL), ARQ_BASE as u32);
+        assert_eq!(self.rd(VF_ARQLEN), RING | AQ_LEN_ENABLE);
+    }
+
+    /// Put a raw descriptor on the ATQ and ring the doorbell; returns its index.
+    fn push(&mut self, d: AqDesc) -> u32 {
+        let i = self.atq_ntu;
+        self.put(ATQ_BASE + u64::from(i) * 32, d.as_bytes());
+        self.atq_ntu = (i + 1) % RING;
+        let t = self.atq_ntu;
+        self.wr(VF_ATQT, t);
+        i
+    }
+
+    fn wait_atq(&mut self) {
+        let want = self.atq_ntu;
+        let ip = &mut self.ip;
+        assert!(
+            wait_until(|| ok(ip.read32(0, VF_ATQH)) == want),
+            "ATQ head did not reach {want}"
+        );
+    }
+
+    /// Send a virtchnl message as Linux does (SI|BUF|RD, LB above 512 bytes).
+    fn send_len(&mut self, v_op: u32, payload: &[u8], datalen: u16) -> u32 {
+        let buf = ATQ_BUFS + u64::from(self.atq_ntu) * 4096;
+        let mut fl = flags::SI;
+        if !payload.is_empty() {
+            self.put(buf, payload);
+            fl |= flags::BUF | flags::RD;
+            if payload.len() > 512 {
+                fl |= flags::LB;
+            }
+        }
+        let d = AqDesc {
+            flags: fl.into(),
+            opcode: aq_op::SEND_TO_PF.into(),
+            datalen: datalen.into(),
+            cookie_high: v_op.into(),
+            addr_high: ((buf >> 32) as u32).into(),
+            addr_low: (buf as u32).into(),
+            ..AqDesc::default()
+        };
+        let i = self.push(d);
+        self.wait_atq();
+        i
+    }
+
+    fn send(&mut self, v_op: u32, payload: &[u8]) -> u32 {
+        self.send_len(v_op, payload, payload.len() as u16)
+    }
+
+    /// Take the next ARQ message if one arrives within `timeout`.
+    fn recv_within(&mut self, timeout: Duration) -> Option<(u32, i32, Vec<u8>)> {
+        let ntc = self.arq_ntc;
+        let deadline = Instant::now() + timeout;
+        while self.rd(VF_ARQH) == ntc {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let gpa = ARQ_BASE + u64::from(ntc) * 32;
+        let d = self.desc(gpa);
+        assert_eq!(
+            d.flags.get() & (flags::DD | flags::CMP),
+            flags::DD | flags::CMP
+        );
+        assert_eq!(d.flags.get() & flags::ERR, 0, "ERR never set on the ARQ");
+        assert_eq!(d.opcode.get(), aq_op::SEND_TO_VF);
+        let data = self.get(d.addr(), usize::from(d.datalen.get()));
+        self.post_arq(ntc);
+        self.wr(VF_ARQT, ntc);
+        self.arq_ntc = (ntc + 1) % RING;
+        Some((d.cookie_high.get(), d.cookie_low.get() as i32, data))
+    }
+
+    fn recv(&mut self) -> (u32, i32, Vec<u8>) {
+        self.recv_within(TIMEOUT)
+            .unwrap_or_else(|| panic!("no ARQ message"))
+    }
+
+    fn no_message(&mut self) {
+        assert!(self.recv_within(Duration::from_millis(50)).is_none());
+    }
+
+    /// Request/reply; checks the reply's opcode.
+    fn call(&mut self, v_op: u32, payload: &[u8]) -> (i32, Vec<u8>) {
+        self.send(v_op, payload);
+        let (o, st, data) = self.recv();
+        assert_eq!(o, v_op, "reply opcode");
+        (st, data)
+    }
+
+    fn status(&mut self, v_op: u32, payload: &[u8]) -> i32 {
+        self.call(v_op, payload).0
+    }
+
+    /// VERSION + GET_VF_RESOURCES as Linux sends them.
+    fn negotiate(&mut self) -> Vec<u8> {
+        let v = vc::VersionInfo {
+            major: 1.into(),
+            minor: 1.into(),
+        };
+        let (st, data) = self.call(op::VERSION, v.as_bytes());
+        assert_eq!(st, status::SUCCESS);
+        assert_eq!(data, [1, 0, 0, 0, 1, 0, 0, 0]);
+        let (st, res) = self.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
+        assert_eq!(st, status::SUCCESS);
+        res
+    }
+}
+
+fn qpair(q: u16, tx: (u64, u16), rx: (u64, u32)) -> vc::QueuePairInfo {
+    vc::QueuePairInfo {
+        txq: vc::TxqInfo {
+            vsi_id: 1.into(),
+            queue_id: q.into(),
+            ring_len: tx.1.into(),
+            dma_ring_addr: tx.0.into(),
+            ..Default::default()
+        },
+        rxq: vc::RxqInfo {
+            vsi_id: 1.into(),
+            queue_id: q.into(),
+            ring_len: rx.1.into(),
+            databuffer_size: 1536.into(),
+            max_pkt_size: 9728.into(),
+            dma_ring_addr: rx.0.into(),
+            ..Default::default()
+        },
+    }
+}
+
+/// CONFIG_VSI_QUEUES with Linux's legacy padding (one extra element).
+fn vsi_queues(pairs: &[vc::QueuePairInfo], n: u16) -> Vec<u8> {
+    let h = vc::VsiQueueConfigHdr {
+        vsi_id: 1.into(),
+        num_queue_pairs: n.into(),
+        pad: 0.into(),
+    };
+    let mut m = h.as_bytes().to_vec();
+    for p in pairs {
+        m.extend_from_slice(p.as_bytes());
+    }
+    m.extend_from_slice(&[0; 64]);
+    m
+}
+
+fn irq_map(maps: &[(u16, u16, u16, u16)], n: u16) -> Vec<u8> {
+    let mut m = n.to_le_bytes().to_vec();
+    for &(vsi, vector, rx, tx) in maps {
+        let e = vc::VectorMap {
+            vsi_id: vsi.into(),
+            vector_id: vector.into(),
+            rxq_map: rx.into(),
+            txq_map: tx.into(),
+            rxitr_idx: 0.into(),
+            txitr_idx: 1.into(),
+        };
+        m.extend_from_slice(e.as_bytes());
+    }
+    m.extend_from_slice(&[0; 12]);
+    m
+}
+
+fn select(vsi: u16, rx: u32, tx: u32) -> Vec<u8> {
+    vc::QueueSelect {
+        vsi_id: vsi.into(),
+        pad: 0.into(),
+        rx_queues: rx.into(),
+        tx_queues: tx.into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+fn addrs(vsi: u16, list: &[([u8; 6], u8)], n: u16) -> Vec<u8> {
+    let h = vc::EtherAddrListHdr {
+        vsi_id: vsi.into(),
+        num_elements: n.into(),
+    };
+    let mut m = h.as_bytes().to_vec();
+    for &(addr, kind) in list {
+        m.extend_from_slice(vc::EtherAddr { addr, kind, pad: 0 }.as_bytes());
+    }
+    m
+}
+
+const TX_RING: u64 = 0x10_0000;
+const RX_RING: u64 = 0x18_0000;
+const MAC2: [u8; 6] = [0x02, 0, 0, 0, 0, 7];
+
+#[test]
+fn pci_identity_bars_and_msix() {
+    let mut d = Drv::new(4);
+    let ip = &mut d.ip;
+    assert_eq!(ok(ip.config_read16(0x00)), 0x8086);
+    assert_eq!(ok(ip.config_read16(0x02)), 0x1889);
+    let mut cls = [0u8; 4];
+    ok(ip.config_read(0x08, &mut cls));
+    assert_eq!(&cls[1..], &[0x00, 0x00, 0x02], "class 02/00/00");
+    assert_eq!(ok(ip.config_read16(0x2c)), 0x8086, "subsystem vendor");
+    assert_eq!(ok(ip.config_read16(0x2e)), 0x0000, "subsystem id");
+    let mut pin = [0u8; 1];
+    ok(ip.config_read(0x3d, &mut pin));
+    assert_eq!(pin[0], 0, "no INTx");
+    let mut bar0 = [0u8; 4];
+    ok(ip.config_read(0x10, &mut bar0));
+    assert_eq!(bar0[0] & 0xf, 0xc, "BAR0 64-bit prefetchable");
+    let mut bar3 = [0u8; 4];
+    ok(ip.config_read(0x1c, &mut bar3));
+    assert_eq!(bar3[0] & 0xf, 0xc, "BAR3 64-bit prefetchable");
+    let (msix, sizes) = ip.with_device(|dev| {
+        let p = dev.pci();
+        (p.msix_layout(), (p.bar_size(0), p.bar_size(3)))
+    });
+    let msix = msix.unwrap_or_else(|| panic!("no MSI-X"));
+    assert_eq!(msix.vectors, 5, "queue pairs + 1");
+    assert_eq!((msix.table_bar, msix.table_offset), (3, 0));
+    assert_eq!((msix.pba_bar, msix.pba_offset), (3, 0x2000));
+    assert_eq!(sizes, (BAR0_SIZE, BAR3_SIZE));
+    assert!(
+        ip.with_device(|dev| dev.pci().find_capability(0x10))
+            .is_some(),
+        "PCIe cap"
+    );
+}
+
+#[test]
+fn register_file_semantics() {
+    let mut d = Drv::new(1);
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    d.wr(VFGEN_RSTAT, 0);
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE, "RSTAT is read-only");
+    // Tails latch at any time.
+    d.wr(QRX_TAIL, 511);
+    d.wr(QTX_TAIL + 4 * 15, 7);
+    assert_eq!(d.rd(QRX_TAIL), 511);
+    assert_eq!(d.rd(QTX_TAIL + 60), 7);
+    // Plain storage.
+    d.wr(VFINT_ITRN + 0x40 + 4, 0x3e);
+    assert_eq!(d.rd(VFINT_ITRN + 0x44), 0x3e);
+    d.wr(VFQF_HKEY, 0xdead_beef);
+    assert_eq!(d.rd(VFQF_HKEY), 0xdead_beef);
+    // The driver's off-by-one RSS writes are ignored.
+    d.wr(HKEY_STRAY, 1);
+    d.wr(HLUT_STRAY, 1);
+    assert_eq!((d.rd(HKEY_STRAY), d.rd(HLUT_STRAY)), (0, 0));
+    // ICR0_ENA1 reads back.
+    d.wr(VFINT_ICR0_ENA1, ICR0_ADMINQ);
+    assert_eq!(d.rd(VFINT_ICR0_ENA1), ICR0_ADMINQ);
+    // ICR01 is read-to-clear and set by ARQ deliveries even when disabled.
+    d.wr(VFINT_ICR0_ENA1, 0);
+    d.negotiate();
+    assert_ne!(d.rd(VFINT_ICR01) & ICR0_ADMINQ, 0);
+    assert_eq!(d.rd(VFINT_ICR01), 0);
+    // Unaligned / odd-size writes are dropped, unknown offsets read 0.
+    ok(d.ip.region_write(0, VF_ATQBAL + 1, &[1]));
+    assert_eq!(d.rd(VF_ATQBAL), ATQ_BASE as u32);
+    assert_eq!(d.rd(0x1_F000), 0);
+}
+
+#[test]
+fn version_and_resources_match_the_byte_image() {
+    let mut d = Drv::new(1);
+    let res = d.negotiate();
+    // Appendix B, with RSS_PF granted since the device implements it (0x800A1).
+    let mut want = vec![
+        0x01, 0x00, 0x01, 0x00, 0x02, 0x00, 0x00, 0x26, 0xa1, 0x00, 0x08, 0x00, 0x34, 0x00, 0x00,
+        0x00, 0x40, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    want.extend_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+    assert_eq!(res, want);
+    assert_eq!(d.ip.with_device(|dev| dev.vf_state().caps), 0x800A1);
+    // v1.0 request: no payload; treated as L2|VLAN requested, L2 granted.
+    let (st, res) = d.call(op::GET_VF_RESOURCES, &[]);
+    assert_eq!(st, status::SUCCESS);
+    assert_eq!(&res[8..12], &cap::L2.to_le_bytes());
+    // A 1.0 VF gets 1.0.
+    let v = vc::VersionInfo {
+        major: 1.into(),
+        minor: 0.into(),
+    };
+    let (_, data) = d.call(op::VERSION, v.as_bytes());
+    assert_eq!(data, [1, 0, 0, 0, 0, 0, 0, 0]);
+    // Malformed VERSION still gets an answer.
+    let (st, data) = d.call(op::VERSION, &[1, 0]);
+    assert_eq!(st, status::ERR_PARAM);
+    assert_eq!(data.len(), 8);
+}
+
+#[test]
+fn bring_up_like_linux() {
+    let mut d = Drv::new(2);
+    d.negotiate();
+    // DOWN state: IRQ map (vector per queue, then vector 0 empty), RSS key and LUT.
+    let m = irq_map(&[(1, 1, 1, 1), (1, 2, 2, 2), (1, 0, 0, 0)], 3);
+    assert_eq!(d.status(op::CONFIG_IRQ_MAP, &m), status::SUCCESS);
+    let st = d.ip.with_device(|dev| dev.vf_state());
+    assert_eq!(st.queues[0].rx_vector, Some(1));
+    assert_eq!(st.queues[1].tx_vector, Some(2));
+    let mut key = vec![1u8, 0, 52, 0];
+    key.extend((0..52).map(|i| i as u8));
+    key.push(0);
+    assert_eq!(d.status(op::CONFIG_RSS_KEY, &key), status::SUCCESS);
+    let mut lut = vec![1u8, 0, 64, 0];
+    lut.extend((0..64).map(|i| (i % 2) as u8));
+    lut.push(0);
+    assert_eq!(d.status(op::CONFIG_RSS_LUT, &lut), status::SUCCESS);
+    let st = d.ip.with_device(|dev| dev.vf_state());
+    assert_eq!(st.rss_key[51], 51);
+    assert_eq!(st.rss_lut[63], 1);
+    // open: RX tails written before CONFIG_VSI_QUEUES.
+    d.wr(QRX_TAIL, 511);
+    d.wr(QRX_TAIL + 4, 511);
+    let a = addrs(1, &[(d.ip.with_device(|dev| dev.vf_state().cfg.mac), 1)], 1);
+    assert_eq!(d.status(op::ADD_ETH_ADDR, &a), status::SUCCESS);
+    let pairs = [
+        qpair(0, (TX_RING, 512), (RX_RING, 512)),
+        qpair(1, (TX_RING + 0x2000, 512), (RX_RING + 0x4000, 512)),
+    ];
+    assert_eq!(
+        d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 2)),
+        status::SUCCESS
+    );
+    assert_eq!(
+        d.rd(QRX_TAIL),
+        511,
+        "latched tail kept across CONFIG_VSI_QUEUES"
+    );
+    // ENABLE_QUEUES: the reply, then LINK_CHANGE up in Mb/s.
+    d.send(op::ENABLE_QUEUES, &select(1, 3, 3));
+    let (o, s, _) = d.recv();
+    assert_eq!((o, s), (op::ENABLE_QUEUES, status::SUCCESS));
+    let (o, s, ev) = d.recv();
+    assert_eq!((o, s), (op::EVENT, status::SUCCESS));
+    assert_eq!(ev, [1, 0, 0, 0, 0x10, 0x27, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        d.rd(QRX_TAIL + 4),
+        511,
+        "latched tail kept across ENABLE_QUEUES"
+    );
+    let st = d.ip.with_device(|dev| dev.vf_state());
+    assert!(st.queues.iter().all(|q| q.rx_enabled && q.tx_enabled));
+    assert_eq!(
+        st.queues[1].rx.map(|r| (r.addr, r.len, r.buf_size)),
+        Some((RX_RING + 0x4000, 512, 1536))
+    );
+    assert_eq!(st.primary_mac, st.cfg.mac);
+    // Running: promisc, extra MAC, stats.
+    let p = vc::PromiscInfo {
+        vsi_id: 1.into(),
+        flags: 3.into(),
+    };
+    assert_eq!(
+        d.status(op::CONFIG_PROMISCUOUS_MODE, p.as_bytes()),
+        status::SUCCESS
+    );
+    assert_eq!(d.ip.with_device(|dev| dev.vf_state().promisc), 3);
+    assert_eq!(
+        d.status(op::ADD_ETH_ADDR, &addrs(1, &[(MAC2, 2)], 1)),
+        status::SUCCESS
+    );
+    let (s, stats) = d.call(op::GET_STATS, &select(1, 0, 0));
+    assert_eq!((s, stats.len()), (status::SUCCESS, 96));
+    // RSS hash-enable caps and set; a hena outside the caps is refused.
+    let (s, caps) = d.call(op::GET_RSS_HENA_CAPS, &[]);
+    assert_eq!(
+        (s, caps),
+        (status::SUCCESS, vc::HENA_CAPS.to_le_bytes().to_vec())
+    );
+    assert_eq!(
+        d.status(op::SET_RSS_HENA, &(1u64 << 33).to_le_bytes()),
+        status::SUCCESS
+    );
+    assert_eq!(d.ip.with_device(|dev| dev.vf_state().rss_hena), 1 << 33);
+    assert_eq!(
+        d.status(op::SET_RSS_HENA, &(1u64 << 63).to_le_bytes()),
+        status::ERR_PARAM
+    );
+    let hf = vc::RssHfunc {
+        vsi_id: 1.into(),
+        rss_algorithm: 0.into(),
+        reserved: 0.into(),
+    };
+    assert_eq!(
+        d.status(op::CONFIG_RSS_HFUNC, hf.as_bytes()),
+        status::SUCCESS
+    );
+    let hf = vc::RssHfunc {
+        rss_algorithm: 3.into(),
+        ..hf
+    };
+    assert_eq!(
+        d.status(op::CONFIG_RSS_HFUNC, hf.as_bytes()),
+        status::ERR_NOT_SUPPORTED
+    );
+    // down: DEL_ETH_ADDR of everything, then DISABLE_QUEUES.
+    let mac = d.ip.with_device(|dev| dev.vf_state().cfg.mac);
+    assert_eq!(
+        d.status(op::DEL_ETH_ADDR, &addrs(1, &[(mac, 1), (MAC2, 2)], 2)),
+        status::SUCCESS
+    );
+    assert!(d
+        .ip
+        .with_device(|dev| dev.vf_state().mac_filters.is_empty()));
+    assert_eq!(
+        d.status(op::DISABLE_QUEUES, &select(1, 3, 3)),
+        status::SUCCESS
+    );
+    assert!(!d.ip.with_device(|dev| dev.vf_state().any_queue_enabled()));
+    d.no_message();
+    // DPDK style: one queue per message, no link event problems.
+    assert_eq!(
+        d.status(op::ENABLE_QUEUES, &select(1, 0, 2)),
+        status::SUCCESS
+    );
+    assert_eq!(d.recv().0, op::EVENT);
+}
+
+#[test]
+fn legacy_link_speed_without_adv_cap() {
+    let mut d = Drv::new(1);
+    assert_eq!(
+        d.status(op::GET_VF_RESOURCES, &cap::L2.to_le_bytes()),
+        status::SUCCESS
+    );
+    let pairs = [qpair(0, (TX_RING, 64), (RX_RING, 64))];
+    assert_eq!(
+        d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 1)),
+        status::SUCCESS
+    );
+    d.send(op::ENABLE_QUEUES, &select(1, 1, 1));
+    assert_eq!(d.recv().0, op::ENABLE_QUEUES);
+    let (_, _, ev) = d.recv();
+    assert_eq!(&ev[4..8], &[8, 0, 0, 0]);
+    // RSS messages need RSS_PF.
+    assert_eq!(
+        d.status(op::GET_RSS_HENA_CAPS, &[]),
+        status::ERR_NOT_SUPPORTED
+    );
+    let mut key = vec![1u8, 0, 52, 0];
+    key.extend([0; 53]);
+    assert_eq!(
+        d.status(op::CONFIG_RSS_KEY, &key),
+        status::ERR_NOT_SUPPORTED
+    );
+}
+
+#[test]
+fn bad_virtchnl_input_gets_error_status() {
+    let mut d = Drv::new(2);
+    d.negotiate();
+    let good = qpair(0, (TX_RING, 512), (RX_RING, 512));
+    let cases: Vec<(&str, u32, Vec<u8>, i32)> = vec![
+        (
+            "vsi_queues short header",
+            op::CONFIG_VSI_QUEUES,
+            vec![1, 0, 1],
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues count beyond length",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[good], 2)[..8 + 64 + 10].to_vec(),
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues zero pairs",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[], 0),
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues too many pairs",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[good, good, good], 3),
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues queue id out of range",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(2, (TX_RING, 512), (RX_RING, 512))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues tx/rx queue mismatch",
+            op::CONFIG_VSI_QUEUES,
+            {
+                let mut p = good;
+                p.rxq.queue_id = 1.into();
+                vsi_queues(&[p], 1)
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "vsi_queues wrong vsi",
+            op::CONFIG_VSI_QUEUES,
+            {
+                let mut m = vsi_queues(&[good], 1);
+                m[0] = 9;
+                m
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "tx ring outside DMA maps",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(0, (0x1_0000_0000, 512), (RX_RING, 512))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "rx ring straddles end of RAM",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(
+                &[qpair(0, (TX_RING, 512), (4 * 1024 * 1024 - 4096, 512))],
+                1,
+            ),
+            status::ERR_PARAM,
+        ),
+        (
+            "ring address overflows",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(0, (u64::MAX - 15, 32), (RX_RING, 512))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "absurd tx ring length",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(0, (TX_RING, 65504), (RX_RING, 512))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "rx ring length not a multiple of 32",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(0, (TX_RING, 512), (RX_RING, 33))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "absurd rx ring length",
+            op::CONFIG_VSI_QUEUES,
+            vsi_queues(&[qpair(0, (TX_RING, 512), (RX_RING, 0x10_0000))], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "rx buffer size absurd",
+            op::CONFIG_VSI_QUEUES,
+            {
+                let mut p = good;
+                p.rxq.databuffer_size = 0x10_0000.into();
+                vsi_queues(&[p], 1)
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "rx max packet absurd",
+            op::CONFIG_VSI_QUEUES,
+            {
+                let mut p = good;
+                p.rxq.max_pkt_size = 20_000.into();
+                vsi_queues(&[p], 1)
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map empty",
+            op::CONFIG_IRQ_MAP,
+            vec![],
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map count beyond length",
+            op::CONFIG_IRQ_MAP,
+            irq_map(&[(1, 1, 1, 1)], 2)[..2 + 12 + 4].to_vec(),
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map vector out of range",
+            op::CONFIG_IRQ_MAP,
+            irq_map(&[(1, 3, 1, 1)], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map queue out of range",
+            op::CONFIG_IRQ_MAP,
+            irq_map(&[(1, 1, 4, 0)], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map too many vectors",
+            op::CONFIG_IRQ_MAP,
+            irq_map(&[(1, 1, 1, 1); 4], 4),
+            status::ERR_PARAM,
+        ),
+        (
+            "irq map wrong vsi",
+            op::CONFIG_IRQ_MAP,
+            irq_map(&[(2, 1, 1, 1)], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "enable unconfigured queue",
+            op::ENABLE_QUEUES,
+            select(1, 1, 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "enable queue out of range",
+            op::ENABLE_QUEUES,
+            select(1, 1 << 5, 0),
+            status::ERR_PARAM,
+        ),
+        (
+            "enable nothing",
+            op::ENABLE_QUEUES,
+            select(1, 0, 0),
+            status::ERR_PARAM,
+        ),
+        (
+            "enable short",
+            op::ENABLE_QUEUES,
+            select(1, 1, 1)[..8].to_vec(),
+            status::ERR_PARAM,
+        ),
+        (
+            "disable queue out of range",
+            op::DISABLE_QUEUES,
+            select(1, 0, 1 << 31),
+            status::ERR_PARAM,
+        ),
+        (
+            "disable wrong vsi",
+            op::DISABLE_QUEUES,
+            select(0, 1, 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "add addr count beyond length",
+            op::ADD_ETH_ADDR,
+            addrs(1, &[(MAC2, 0)], 3),
+            status::ERR_PARAM,
+        ),
+        (
+            "add addr zero entries",
+            op::ADD_ETH_ADDR,
+            addrs(1, &[], 0),
+            status::ERR_PARAM,
+        ),
+        (
+            "add addr wrong vsi",
+            op::ADD_ETH_ADDR,
+            addrs(7, &[(MAC2, 0)], 1),
+            status::ERR_PARAM,
+        ),
+        (
+            "del addr short",
+            op::DEL_ETH_ADDR,
+            vec![1, 0],
+            status::ERR_PARAM,
+        ),
+        (
+            "promisc short",
+            op::CONFIG_PROMISCUOUS_MODE,
+            vec![1],
+            status::ERR_PARAM,
+        ),
+        ("stats short", op::GET_STATS, vec![1, 0], status::ERR_PARAM),
+        (
+            "rss key wrong size",
+            op::CONFIG_RSS_KEY,
+            {
+                let mut k = vec![1u8, 0, 40, 0];
+                k.extend([0; 41]);
+                k
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "rss key truncated",
+            op::CONFIG_RSS_KEY,
+            vec![1u8, 0, 52, 0, 1, 2, 3],
+            status::ERR_PARAM,
+        ),
+        (
+            "rss lut entry out of range",
+            op::CONFIG_RSS_LUT,
+            {
+                let mut l = vec![1u8, 0, 64, 0];
+                l.extend([5; 65]);
+                l
+            },
+            status::ERR_PARAM,
+        ),
+        (
+            "set hena short",
+            op::SET_RSS_HENA,
+            vec![0; 4],
+            status::ERR_PARAM,
+        ),
+        (
+            "request queues short",
+            op::REQUEST_QUEUES,
+            vec![1],
+            status::ERR_PARAM,
+        ),
+        (
+            "config tx queue (legacy op)",
+            op::CONFIG_TX_QUEUE,
+            vec![0; 24],
+            status::ERR_NOT_SUPPORTED,
+        ),
+        ("unknown opcode", 9999, vec![], status::ERR_NOT_SUPPORTED),
+        ("opcode zero", 0, vec![1, 2, 3], status::ERR_NOT_SUPPORTED),
+    ];
+    let before = d.ip.with_device(|dev| dev.vf_state());
+    for (what, o, msg, want) in cases {
+        assert_eq!(d.status(o, &msg), want, "{what}");
+    }
+    let after = d.ip.with_device(|dev| dev.vf_state());
+    assert_eq!(
+        before.queues, after.queues,
+        "refused messages change nothing"
+    );
+    assert_eq!(before.mac_filters, after.mac_filters);
+    assert_eq!(before.rss_lut, after.rss_lut);
+    assert_eq!(before.rss_key, after.rss_key);
+}
+
+#[test]
+fn mac_filter_limit() {
+    let mut d = Drv::new(1);
+    d.negotiate();
+    let list: Vec<([u8; 6], u8)> = (0..200u16)
+        .map(|i| ([2, 0, 0, 0, (i >> 8) as u8, i as u8], 2))
+        .collect();
+    assert_eq!(
+        d.status(op::ADD_ETH_ADDR, &addrs(1, &list, 200)),
+        status::SUCCESS
+    );
+    let more: Vec<([u8; 6], u8)> = (0..100u16)
+        .map(|i| ([4, 0, 0, 0, (i >> 8) as u8, i as u8], 2))
+        .collect();
+    assert_eq!(
+        d.status(op::ADD_ETH_ADDR, &addrs(1, &more, 100)),
+        status::ERR_NO_MEMORY
+    );
+    assert_eq!(
+        d.ip.with_device(|dev| dev.vf_state().mac_filters.len()),
+        200
+    );
+}
+
+#[test]
+fn bad_admin_queue_input_never_crashes() {
+    let mut d = Drv::new(1);
+    // datalen above the 4 KiB buffer limit: ERR_PARAM reply.
+    d.send_len(op::VERSION, &[1, 0, 0, 0, 1, 0, 0, 0], 5000);
+    assert_eq!(d.recv().1, status::ERR_PARAM);
+    // Payload buffer outside every DMA map: ERR_PARAM reply.
+    let desc = AqDesc {
+        flags: (flags::SI | flags::BUF | flags::RD).into(),
+        opcode: aq_op::SEND_TO_PF.into(),
+        datalen: 8.into(),
+        cookie_high: op::VERSION.into(),
+        addr_high: 0x10.into(),
+        ..AqDesc::default()
+    };
+    d.push(desc);
+    d.wait_atq();
+    let (o, s, _) = d.recv();
+    assert_eq!((o, s), (op::VERSION, status::ERR_PARAM));
+    // Unknown AQ opcode: completed with ENOSYS, no ARQ message.
+    let i = d.push(AqDesc {
+        flags: flags::SI.into(),
+        opcode: 0x0777.into(),
+        ..AqDesc::default()
+    });
+    d.wait_atq();
+    let back = d.desc(ATQ_BASE + u64::from(i) * 32);
+    assert_eq!(back.retval.get(), crate::adminq::AQ_RC_ENOSYS);
+    assert_eq!(
+        back.flags.get() & (flags::DD | flags::CMP),
+        flags::DD | flags::CMP
+    );
+    d.no_message();
+    // Queue shutdown (0x0003): completed OK, no ARQ message.
+    let i = d.push(AqDesc {
+        flags: flags::SI.into(),
+        opcode: aq_op::QUEUE_SHUTDOWN.into(),
+        param0: 1.into(),
+        ..AqDesc::default()
+    });
+    d.wait_atq();
+    assert_eq!(d.desc(ATQ_BASE + u64::from(i) * 32).retval.get(), 0);
+    d.no_message();
+    // A tail beyond the ring length: CRIT, head unchanged.
+    let h = d.rd(VF_ATQH);
+    d.wr(VF_ATQT, 100);
+    assert!(wait_until(|| d.rd(VF_ATQLEN) & AQ_LEN_CRIT != 0));
+    assert_eq!(d.rd(VF_ATQH), h);
+    // ATQ ring outside the DMA maps: CRIT, nothing processed, device still answers reads.
+    d.wr(VF_ATQLEN, 0);
+    d.wr(VF_ATQH, 0);
+    d.wr(VF_ATQT, 0);
+    d.wr(VF_ATQLEN, RING | AQ_LEN_ENABLE);
+    d.wr(VF_ATQBAH, 0x100);
+    d.wr(VF_ATQT, 1);
+    assert!(wait_until(|| d.rd(VF_ATQLEN) & AQ_LEN_CRIT != 0));
+    assert_eq!(d.rd(VF_ATQH), 0);
+    // The driver re-inits and everything works again.
+    d.wr(VF_ATQLEN, 0);
+    d.wr(VF_ARQLEN, 0);
+    d.init_aq();
+    d.negotiate();
+}
+
+#[test]
+fn arq_buffer_outside_maps_and_full_ring() {
+    let mut d = Drv::new(1);
+    // Replies wait while the ARQ is full (ARQT == ARQH) and flow once a slot is posted.
+    d.wr(VF_ARQT, 0);
+    d.send(op::GET_STATS, &select(1, 0, 0));
+    assert!(d.recv_within(Duration::from_millis(50)).is_none());
+    assert_eq!(d.ip.with_device(|dev| dev.outbox_len()), 1);
+    d.wr(VF_ARQT, RING - 1);
+    let (o, s, data) = d.recv();
+    assert_eq!((o, s, data.len()), (op::GET_STATS, status::SUCCESS, 96));
+    // A posted ARQ buffer outside the DMA maps: the reply arrives with an AQ error status
+    // and no payload instead of being lost.
+    let slot = d.arq_ntc;
+    let bad = AqDesc {
+        flags: (flags::BUF | flags::LB).into(),
+        datalen: 4096.into(),
+        addr_high: 0x20.into(),
+        ..AqDesc::default()
+    };
+    d.put(ARQ_BASE + u64::from(slot) * 32, bad.as_bytes());
+    d.send(op::GET_STATS, &select(1, 0, 0));
+    let deadline = Instant::now() + TIMEOUT;
+    while d.rd(VF_ARQH) == slot && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let back = d.desc(ARQ_BASE + u64::from(slot) * 32);
+    assert_eq!(back.cookie_high.get(), op::GET_STATS);
+    assert_eq!(back.cookie_low.get() as i32, status::ERR_ADMIN_QUEUE_ERROR);
+    assert_eq!(back.datalen.get(), 0);
+}
+
+#[test]
+fn aq_disable_drops_the_outbox() {
+    let mut d = Drv::new(1);
+    d.wr(VF_ARQT, 0);
+    d.send(op::GET_STATS, &select(1, 0, 0));
+    assert_eq!(d.ip.with_device(|dev| dev.outbox_len()), 1);
+    d.wr(VF_ARQLEN, 0);
+    assert_eq!(d.ip.with_device(|dev| dev.outbox_len()), 0);
+    d.wr(VF_ATQLEN, 0);
+    d.init_aq();
+    // Only the fresh reply arrives after re-init.
+    let (st, _) = d.call(op::VERSION, &[1, 0, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(st, status::SUCCESS);
+    d.no_message();
+}
+
+#[test]
+fn reset_vf_tears_down_and_renegotiates_without_version() {
+    let mut d = Drv::new(2);
+    d.negotiate();
+    let pairs = [qpair(0, (TX_RING, 512), (RX_RING, 512))];
+    assert_eq!(
+        d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 1)),
+        status::SUCCESS
+    );
+    assert_eq!(
+        d.status(op::ADD_ETH_ADDR, &addrs(1, &[(MAC2, 2)], 1)),
+        status::SUCCESS
+    );
+    d.wr(QRX_TAIL, 511);
+    d.wr(VFINT_DYN_CTL01, 0x19);
+    // RESET_VF has no payload and no reply; the head is zeroed by the reset itself.
+    d.push(AqDesc {
+        flags: flags::SI.into(),
+        opcode: aq_op::SEND_TO_PF.into(),
+        cookie_high: op::RESET_VF.into(),
+        ..AqDesc::default()
+    });
+    // No reply; ARQLEN.ENABLE reads 0 and RSTAT ends at VFACTIVE.
+    assert!(wait_until(|| d.rd(VF_ARQLEN) & AQ_LEN_ENABLE == 0));
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    assert_eq!(
+        (d.rd(VF_ATQLEN), d.rd(VF_ATQBAL), d.rd(VF_ARQBAL)),
+        (0, 0, 0)
+    );
+    assert_eq!(d.rd(QRX_TAIL), 0, "tails zeroed");
+    assert_eq!(d.rd(VFINT_DYN_CTL01), 0);
+    let st = d.ip.with_device(|dev| dev.vf_state());
+    assert!(st.queues.iter().all(|q| q.rx.is_none() && q.tx.is_none()));
+    assert!(st.mac_filters.is_empty());
+    assert_eq!(st.version_minor, Some(1), "version survives a VF reset");
+    // Reset task: re-init AQ, GET_VF_RESOURCES straight away.
+    d.init_aq();
+    let (s, res) = d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
+    assert_eq!((s, res.len()), (status::SUCCESS, 36));
+    // Kick with the AQ disabled (iavf_remove does this): ignored.
+    let h = d.rd(VF_ATQH);
+    d.wr(VF_ATQLEN, 0);
+    d.wr(VF_ATQT, 3);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.rd(VF_ATQH), h);
+}
+
+#[test]
+fn device_reset_forgets_negotiation() {
+    let mut d = Drv::new(1);
+    d.negotiate();
+    ok(d.ip.reset());
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    assert_eq!(d.rd(VF_ARQLEN), 0);
+    let st = d.ip.with_device(|dev| dev.vf_state());
+    assert_eq!((st.caps, st.version_minor), (0, None));
+    d.init_aq();
+    d.negotiate();
+}
+
+#[test]
+fn request_queues_grants_then_resets() {
+    let mut d = Drv::new(4);
+    d.negotiate();
+    let (s, data) = d.call(op::REQUEST_QUEUES, &9u16.to_le_bytes());
+    assert_eq!(
+        (s, data),
+        (status::SUCCESS, 4u16.to_le_bytes().to_vec()),
+        "refusal names the maximum"
+    );
+    let (s, data) = d.call(op::REQUEST_QUEUES, &2u16.to_le_bytes());
+    assert_eq!((s, data), (status::SUCCESS, 2u16.to_le_bytes().to_vec()));
+    let (o, _, ev) = d.recv();
+    assert_eq!(
+        (o, &ev[..4]),
+        (op::EVENT, &[2u8, 0, 0, 0][..]),
+        "RESET_IMPENDING"
+    );
+    assert!(wait_until(|| d.rd(VF_ARQLEN) & AQ_LEN_ENABLE == 0));
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    d.init_aq();
+    let (_, res) = d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
+    assert_eq!(&res[2..4], &2u16.to_le_bytes(), "two queue pairs now");
+    assert_eq!(
+        &res[4..6],
+        &5u16.to_le_bytes(),
+        "vectors stay at the MSI-X table size"
+    );
+}
+
+#[test]
+fn mailbox_interrupt_automask_and_rearm() {
+    let mut d = Drv::new(1);
+    let irqs = ok(d.ip.enable_msix(2));
+    d.wr(VFINT_DYN_CTL01, DYN_CTL_INTENA | (3 << 3));
+    d.wr(VFINT_ICR0_ENA1, ICR0_ADMINQ);
+    d.send(op::VERSION, &[1, 0, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(irqs[0].wait(TIMEOUT), 1, "vector 0 on ARQ delivery");
+    d.recv();
+    // Auto-masked: the next delivery does not fire until the driver re-arms.
+    d.send(op::GET_STATS, &select(1, 0, 0));
+    d.recv();
+    assert_eq!(irqs[0].wait(Duration::from_millis(50)), 0);
+    d.wr(VFINT_DYN_CTL01, DYN_CTL_INTENA | (3 << 3));
+    assert_eq!(irqs[0].wait(TIMEOUT), 1, "pending event fires on re-arm");
+    // Queue vector: SWINT_TRIG with INTENA fires (iavf_force_wb).
+    d.wr(
+        VFINT_DYN_CTLN,
+        DYN_CTL_INTENA | DYN_CTL_SWINT_TRIG | (3 << 3),
+    );
+    assert_eq!(irqs[1].wait(TIMEOUT), 1);
+    assert_eq!(irqs[0].take(), 0);
+}
+
+#[test]
+fn message_backed_rings_are_served_off_the_control_thread() {
+    let cfg = VfConfig::default();
+    let dev = ok(AvfDevice::new("avf-msg", cfg));
+    let mut ip = ok(InProc::new(dev, 1));
+    // Rings and buffers in a region reached only by DMA messages.
+    let base = 0x1000_0000u64;
+    ok(ip.map_message(base, 0x10_0000));
+    let mut d = Drv {
+        ip,
+        atq_ntu: 0,
+        arq_ntc: 0,
+    };
+    // Relocate the driver's rings into the message region.
+    let (atq, arq, abuf, rbuf) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
+    d.wr(VF_ATQLEN, RING | AQ_LEN_ENABLE);
+    d.wr(VF_ATQBAL, atq as u32);
+    d.wr(VF_ATQBAH, 0);
+    let arq_desc = AqDesc {
+        flags: (flags::BUF | flags::LB).into(),
+        datalen: 4096.into(),
+        addr_high: ((rbuf >> 32) as u32).into(),
+        addr_low: (rbuf as u32).into(),
+        ..AqDesc::default()
+    };
+    d.put(arq, arq_desc.as_bytes());
+    d.wr(VF_ARQLEN, RING | AQ_LEN_ENABLE);
+    d.wr(VF_ARQBAL, arq as u32);
+    d.wr(VF_ARQBAH, 0);
+    d.wr(VF_ARQT, 1);
+    d.put(abuf, &[1, 0, 0, 0, 1, 0, 0, 0]);
+    let req = AqDesc {
+        flags: (flags::SI | flags::BUF | flags::RD).into(),
+        opcode: aq_op::SEND_TO_PF.into(),
+        datalen: 8.into(),
+        cookie_high: op::VERSION.into(),
+        addr_high: ((abuf >> 32) as u32).into(),
+        addr_low: (abuf as u32).into(),
+        ..AqDesc::default()
+    };
+    d.put(atq, req.as_bytes());
+    d.wr(VF_ATQT, 1);
+    assert!(wait_until(|| d.rd(VF_ARQH) == 1));
+    let back = d.desc(arq);
+    assert_eq!(back.cookie_high.get(), op::VERSION);
+    assert_eq!(d.get(rbuf, 8), [1, 0, 0, 0, 1, 0, 0, 0]);
+}
+
+#[test]
+fn link_attribute_sends_events_while_running() {
+    let mut d = Drv::new(1);
+    d.negotiate();
+    let pairs = [qpair(0, (TX_RING, 64), (RX_RING, 64))];
+    assert_eq!(
+        d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 1)),
+        status::SUCCESS
+    );
+    d.send(op::ENABLE_QUEUES, &select(1, 1, 1));
+    d.recv();
+    d.recv();
+    ok(d.ip.with_device(|dev| dev.set_attr("link", "down")));
+    let (o, _, ev) = d.recv();
+    assert_eq!((o, ev[8]), (op::EVENT, 0), "link down event");
+    assert_eq!(
+        d.ip.with_device(|dev| { dev.attr("link") }),
+        Some("down".to_string())
+    );
+    assert!(d
+        .ip
+        .with_device(|dev| { dev.set_attr("link", "sideways").is_err() }));
+}

@@ -205,7 +205,19 @@ pub const PROMISC_UNICAST: u16 = 1 << 0;
 pub const PROMISC_MULTICAST: u16 = 1 << 1;
 
 /// `virtchnl_eth_stats` (96 bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
 #[repr(C)]
 pub struct EthStats {
     pub rx_bytes: U64,

@@ -377,4 +377,23 @@ mod tests {
         mem.read(BUF + 0x2000 + 1513, &mut b).unwrap();
         assert_eq!(b[0], 3);
     }
+
+    #[test]
+    fn chains_without_writable_buffers_are_returned_empty() {
+        let mem = anon_memory(0, 4 << 20);
+        let mut drv = SplitDriver::new(mem.clone(), 0, 16);
+        let mut q = Queue::new(drv.config(), features::VERSION_1, mem.clone()).unwrap();
+        let mut ring = RxRing::new(true);
+        let bad = drv.add_chain(&[Buf::r(BUF, 100)]);
+        let good = drv.add_chain(&[Buf::w(BUF + 0x1000, 2048)]);
+        let mut h = VirtioNetHdr::default();
+        assert_eq!(
+            ring.fill(&mut q, &mem, &mut h, &[1u8; 60]),
+            Fill::Delivered(1)
+        );
+        assert_eq!(ring.malformed, 1);
+        q.flush_used();
+        let used: Vec<_> = std::iter::from_fn(|| drv.pop_used()).collect();
+        assert_eq!(used, vec![(u32::from(bad), 0), (u32::from(good), 72)]);
+    }
 }

@@ -167,7 +167,7 @@ fw_boot_ours() {
     local kind=$1 mem=$2 name=$3 img=$4 dir=$5 tag=$6 sock srv t js
     sock=$dir/blk.sock; rm -f "$sock"
     cp "$img" "$dir/disk.img"
-    start_server "$name" "$BIN/emudevd" --device "virtio-blk,socket=$sock,path=$dir/disk.img"
+    start_server "$name" "$BIN/emudevd" --device "virtio-blk,socket=$sock,path=$dir/disk.img,tcg-boot=on"
     srv=${SERVER_PIDS[-1]}
     wait_socket "$sock" || { kill "$srv"; wait "$srv"; return 1; }
     FW_DEBUGCON=$GUEST_LOGS/$CASE-$name.emudev.firmware.log fw_qemu_args "$kind" "$mem" "$dir"
