@@ -30,7 +30,7 @@ echo "setup took $(( $(date +%s) - t0 )) s"
 
 step "build release binaries"
 # every binary a case starts: examples (testdev-server), emudevd, net-server (emudev-net)
-cargo build --release --locked -p emudev-examples -p emudevd -p emudev-net --bins || fail "release build failed"
+cargo build --release --locked -p emudev-examples -p emudevd -p emudev-net -p emudev-avf --bins || fail "release build failed"
 export BIN=$ROOT/target/release
 # For case-testdev: the static guest-mmio tool and the guest kernel module. A failure here
 # only warns; the cases that need these files report them missing.

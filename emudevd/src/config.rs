@@ -106,11 +106,22 @@ pub struct NetSpec {
     pub offloads: bool,
 }
 
+/// AVF NIC options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AvfSpec {
+    /// Same choices as virtio-net: the in-process switch by default, or a tap.
+    pub backend: emudev_net::BackendSpec,
+    pub mac: [u8; 6],
+    pub queue_pairs: u16,
+}
+
 /// What kind of device, with its typed options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     VirtioBlk(BlkSpec),
     VirtioNet(NetSpec),
+    /// An Intel AVF-like NIC (8086:1889) that the stock Linux iavf driver drives.
+    Avf(AvfSpec),
     /// The emudev test device (registers, DMA engine, doorbell page, MSI-X).
     TestDev,
 }
@@ -120,6 +131,7 @@ impl DeviceKind {
         match self {
             DeviceKind::VirtioBlk(_) => "virtio-blk",
             DeviceKind::VirtioNet(_) => "virtio-net",
+            DeviceKind::Avf(_) => "avf",
             DeviceKind::TestDev => "testdev",
         }
     }
@@ -155,7 +167,7 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// Device types this daemon serves, for messages and `--print-capabilities`.
-pub const KNOWN_TYPES: &str = "virtio-blk, virtio-net, testdev";
+pub const KNOWN_TYPES: &str = "virtio-blk, virtio-net, avf, testdev";
 
 struct Opts {
     index: usize,
@@ -239,6 +251,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .map_err(|e: std::num::ParseIntError| e.to_string())?
     };
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+/// `backend=`, `ifname=`, `switch=` and `mac=` of a NIC; the default MAC is locally
+/// administered and distinct per device index.
+fn nic_backend_and_mac(
+    o: &mut Opts,
+    index: usize,
+    kind: &str,
+) -> Result<(emudev_net::BackendSpec, [u8; 6]), ConfigError> {
+    // A NIC given no backend joins the in-process switch.
+    let backend = match o.take("backend").as_deref().unwrap_or("switch") {
+        "tap" => emudev_net::BackendSpec::Tap {
+            ifname: o.take("ifname").ok_or(ConfigError::Missing {
+                index,
+                kind: kind.to_string(),
+                key: "ifname",
+            })?,
+        },
+        "switch" => emudev_net::BackendSpec::Switch {
+            name: o.take("switch").unwrap_or_else(|| "default".into()),
+        },
+        other => return Err(o.bad("backend", other, "expected tap or switch")),
+    };
+    let mac = match o.take("mac") {
+        Some(m) => emudev_net::parse_mac(&m).map_err(|e| o.bad("mac", &m, e.to_string()))?,
+        None => [0x52, 0x54, 0x00, 0xe0, (index >> 8) as u8, index as u8],
+    };
+    Ok((backend, mac))
 }
 
 /// Parse one `--device` argument.
@@ -361,27 +401,7 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
                 "mtu",
                 "offloads",
             ];
-            // A NIC given no backend joins the in-process switch.
-            let backend = match o.take("backend").as_deref().unwrap_or("switch") {
-                "tap" => emudev_net::BackendSpec::Tap {
-                    ifname: o.take("ifname").ok_or(ConfigError::Missing {
-                        index,
-                        kind: kind.clone(),
-                        key: "ifname",
-                    })?,
-                },
-                "switch" => emudev_net::BackendSpec::Switch {
-                    name: o.take("switch").unwrap_or_else(|| "default".into()),
-                },
-                other => return Err(o.bad("backend", other, "expected tap or switch")),
-            };
-            let mac = match o.take("mac") {
-                Some(m) => {
-                    emudev_net::parse_mac(&m).map_err(|e| o.bad("mac", &m, e.to_string()))?
-                }
-                // Locally administered, unicast, distinct per device.
-                None => [0x52, 0x54, 0x00, 0xe0, (index >> 8) as u8, index as u8],
-            };
+            let (backend, mac) = nic_backend_and_mac(&mut o, index, &kind)?;
             let queue_pairs = o.num("queue-pairs", 1u16, 1, 64)?;
             let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
             if !queue_size.is_power_of_two() {
@@ -409,6 +429,24 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
                 queue_size,
                 mtu,
                 offloads,
+            })
+        }
+        "avf" => {
+            let (backend, mac) = nic_backend_and_mac(&mut o, index, &kind)?;
+            let queue_pairs = o.num("queue-pairs", 4u16, 1, 16)?;
+            o.finish(&[
+                "socket",
+                "id",
+                "backend",
+                "ifname",
+                "switch",
+                "mac",
+                "queue-pairs",
+            ])?;
+            DeviceKind::Avf(AvfSpec {
+                backend,
+                mac,
+                queue_pairs,
             })
         }
         "testdev" => {

@@ -88,6 +88,7 @@ pub fn prepare(spec: &DeviceSpec) -> Result<(), DeviceError> {
 enum Typed {
     Blk(Arc<Mutex<VirtioPciDevice<VirtioBlkDevice>>>),
     Net(Arc<Mutex<VirtioPciDevice<emudev_net::VirtioNetDevice>>>),
+    Avf,
     TestDev,
 }
 
@@ -301,6 +302,25 @@ impl Registry {
                 let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Net(shared), None, run)
             }
+            DeviceKind::Avf(a) => {
+                let backend = emudev_net::open_backend(&a.backend, a.queue_pairs)
+                    .map_err(|e| build(e.to_string()))?;
+                let cfg = emudev_avf::VfConfig {
+                    mac: a.mac,
+                    queue_pairs: a.queue_pairs,
+                    link_speed_mbps: 25_000,
+                };
+                let dev = emudev_avf::AvfDevice::new(&name, cfg, Some(backend))
+                    .map_err(|e| build(e.to_string()))?;
+                let adapter = VfioUserAdapter::new(dev);
+                let shared = adapter.device().clone();
+                let st = adapter.state_cell().clone();
+                let server = Server::from_listener(listener, adapter, ServerOptions::default())
+                    .map_err(|e| build(e.to_string()))?;
+                let model: Arc<Mutex<dyn DeviceModel>> = shared;
+                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
+                (model, Typed::Avf, None, run)
+            }
             DeviceKind::VirtioBlk(b) => {
                 let (dev, backend) = virtio_blk(&name, b, &self.pool).map_err(build)?;
                 let mut adapter = VfioUserAdapter::new(dev);
@@ -441,6 +461,7 @@ impl Registry {
                 let (queues, counters) = match &p.typed {
                     Typed::Blk(d) => blk_stats(d),
                     Typed::Net(d) => (Vec::new(), lock(d).device().named_stats()),
+                    Typed::Avf => (Vec::new(), Vec::new()),
                     Typed::TestDev => (Vec::new(), testdev_stats(&p.model)),
                 };
                 DeviceStat {

@@ -27,6 +27,7 @@ Options:
                            virtio-net,socket=PATH[,backend=switch][,switch=NAME]
                                      | backend=tap,ifname=TAP [,mac=52:54:00:..]
                                      [,queue-pairs=N][,queue-size=N][,mtu=N][,offloads=off]
+                           avf,socket=PATH[,backend=...][,mac=..][,queue-pairs=N]
                            testdev,socket=PATH
                          every type also takes id=NAME (default: TYPE followed by its index)
   --socket-path PATH     socket for a single --device given without socket=
@@ -152,6 +153,11 @@ fn capabilities() -> serde_json::Value {
                 "features": ["mac", "status", "mrg-rxbuf", "csum", "guest-csum", "host-tso4",
                              "host-tso6", "host-ecn", "guest-tso4", "guest-tso6", "guest-ecn",
                              "mq", "ctrl-vq", "ctrl-rx", "ctrl-mac-addr", "announce", "mtu"]
+            },
+            "avf": {
+                "options": ["socket", "id", "backend", "ifname", "switch", "mac", "queue-pairs"],
+                "backends": ["tap", "switch"],
+                "pci-id": "8086:1889"
             },
             "testdev": { "options": ["socket", "id"] }
         },

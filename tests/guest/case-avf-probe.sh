@@ -3,8 +3,8 @@
 # driver: the driver binds to 8086:1889, negotiates over the admin queue (VERSION,
 # GET_VF_RESOURCES, IRQ map, RSS, MAC filter, queue config/enable), registers a netdev with
 # our MAC, and sees carrier after `ip link set up` (LINK_CHANGE after ENABLE_QUEUES). dmesg
-# must show no iavf errors. Then `ip link set down` (DEL_ETH_ADDR, DISABLE_QUEUES) and
-# rmmod/modprobe once more. No datapath yet: no traffic is checked.
+# must show no iavf errors. Then `ip link set down` (DEL_ETH_ADDR, DISABLE_QUEUES), and
+# rmmod/modprobe ten times, each with link up/down. No backend: no traffic is checked.
 . "$(dirname "$0")/lib.sh"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 AVFSRV=${AVFSRV:-$BIN/avf-server}
@@ -54,8 +54,10 @@ for i in \$(seq 100); do [ -e \$dev/driver ] && break; sleep 0.1; done
 drv=\$(readlink \$dev/driver); drv=\${drv##*/}
 if [ "\$drv" = iavf ]; then pass "iavf bound"; else fail "iavf bound (driver: \$drv)"; fi
 bring_up "first load"
-rmmod iavf && modprobe iavf
-bring_up "reload"
+for n in \$(seq 10); do
+    rmmod iavf && modprobe iavf || fail "reload \$n: rmmod/modprobe"
+    bring_up "reload \$n" || break
+done
 echo "+ dmesg | grep -i iavf"; dmesg | grep -i iavf
 if dmesg | grep -i iavf | grep -Eiq "error|fail|never|timed out|unsupported|hardware reset|not retrying|resources not"; then
     fail "no iavf errors in dmesg"

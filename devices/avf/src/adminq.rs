@@ -154,9 +154,15 @@ pub struct Shared {
     pub epoch: AtomicU64,
     work: Mutex<WorkCtl>,
     cv: Condvar,
+    /// Held by the datapath for each pass; taking it waits out the pass in flight.
+    pub dp_pass: Mutex<()>,
+    /// Wakes the datapath poller (tail writes, queue enables).
+    pub dp_kick: emudev::pci::EventFd,
+    dp_stop: std::sync::atomic::AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Lock, ignoring poisoning (the state stays consistent: every update is a plain store).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -164,7 +170,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Shared {
-    pub fn new(vf: VfState, irqs: Irqs) -> Self {
+    pub fn new(vf: VfState, irqs: Irqs) -> std::io::Result<Self> {
         let s = Self {
             regs: RegFile::new(),
             core: Mutex::new(Core {
@@ -183,9 +189,35 @@ impl Shared {
                 shutdown: false,
             }),
             cv: Condvar::new(),
+            dp_pass: Mutex::new(()),
+            dp_kick: emudev::doorbell::new_eventfd()?,
+            dp_stop: std::sync::atomic::AtomicBool::new(false),
         };
         s.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_VFACTIVE);
-        s
+        Ok(s)
+    }
+
+    /// Wake the datapath poller.
+    pub fn kick_datapath(&self) {
+        if let Err(e) = self.dp_kick.signal() {
+            log::debug!("avf: datapath kick: {e}");
+        }
+    }
+
+    /// True once the device is being dropped.
+    pub fn dp_stopping(&self) -> bool {
+        self.dp_stop.load(Ordering::Acquire)
+    }
+
+    /// The memory snapshot for a datapath pass; `None` while quiesced.
+    pub fn dp_memory(&self) -> Option<Arc<GuestMemory>> {
+        let w = lock(&self.work);
+        (!w.paused).then(|| w.mem.clone())
+    }
+
+    /// Wait until no datapath pass is in flight (the next one sees the current state).
+    pub fn fence_datapath(&self) {
+        drop(lock(&self.dp_pass));
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {
@@ -224,6 +256,8 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        drop(w);
+        self.fence_datapath();
         true
     }
 
@@ -237,6 +271,9 @@ impl Shared {
         let mut w = lock(&self.work);
         w.shutdown = true;
         self.cv.notify_all();
+        drop(w);
+        self.dp_stop.store(true, Ordering::Release);
+        self.kick_datapath();
     }
 
     /// The AQ part of a reset, with the core lock held: AQ registers zeroed, outbox dropped.
@@ -313,7 +350,13 @@ pub fn worker_loop(shared: &Shared) {
 
 /// One pass: drain the ATQ, then deliver the outbox. Returns true if work remains.
 pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
-    let more = process_atq(shared, mem);
+    let (more, fence) = process_atq(shared, mem);
+    if fence {
+        // DISABLE_QUEUES or a reset: no datapath DMA may follow the reply.
+        shared.fence_datapath();
+    } else {
+        shared.kick_datapath();
+    }
     deliver_arq(shared, mem);
     let drained_reset = {
         let mut core = shared.core();
@@ -329,6 +372,8 @@ pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
         std::thread::sleep(Duration::from_millis(10));
         let mut core = shared.core();
         shared.vf_reset(&mut core, false);
+        drop(core);
+        shared.fence_datapath();
     }
     more
 }
@@ -371,7 +416,8 @@ fn write_desc(mem: &GuestMemory, gpa: u64, d: &AqDesc) -> Result<(), emudev::Mem
     mem.write(gpa, &bytes[..2])
 }
 
-fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
+fn process_atq(shared: &Shared, mem: &GuestMemory) -> (bool, bool) {
+    let mut fence = false;
     for _ in 0..PASS_BUDGET {
         let epoch = shared.epoch.load(Ordering::Acquire);
         let Some((base, len, head, tail)) = ring(
@@ -382,21 +428,21 @@ fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
             regs::VF_ATQH,
             regs::VF_ATQT,
         ) else {
-            return false;
+            return (false, fence);
         };
         if head == tail {
-            return false;
+            return (false, fence);
         }
         let Some(gpa) = desc_addr(base, head) else {
             shared.regs.or(regs::VF_ATQLEN, regs::AQ_LEN_CRIT);
-            return false;
+            return (false, fence);
         };
         let mut desc = match mem.read_obj::<AqDesc>(gpa) {
             Ok(d) => d,
             Err(e) => {
                 log::warn!("avf: ATQ descriptor at {gpa:#x}: {e}");
                 shared.regs.or(regs::VF_ATQLEN, regs::AQ_LEN_CRIT);
-                return false;
+                return (false, fence);
             }
         };
         // Payload: only with BUF and a non-zero length.
@@ -457,6 +503,7 @@ fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
             continue;
         }
         shared.regs.set(regs::VF_ATQH, (head + 1) % len);
+        fence |= v_op == crate::virtchnl::op::DISABLE_QUEUES;
         if let Some(out) = outcome {
             for m in out.messages {
                 if core.outbox.len() >= OUTBOX_LIMIT {
@@ -468,13 +515,13 @@ fn process_atq(shared: &Shared, mem: &GuestMemory) -> bool {
             if out.reset {
                 if core.outbox.is_empty() {
                     shared.vf_reset(&mut core, false);
-                    return false;
+                    return (false, true);
                 }
                 core.reset_after_drain = true;
             }
         }
     }
-    true
+    (true, fence)
 }
 
 fn deliver_arq(shared: &Shared, mem: &GuestMemory) {

@@ -10,7 +10,10 @@ use emudev::pci::{
 };
 use emudev::{DeviceError, DeviceModel, GuestMemory};
 
+use emudev_netback::{NetBackend, Offloads};
+
 use crate::adminq::{self, Shared};
+use crate::datapath::Poller;
 use crate::irq::Irqs;
 use crate::pf::{VfConfig, VfState};
 use crate::regs;
@@ -42,6 +45,7 @@ pub struct AvfDevice {
     pci: PciDevice,
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
+    poller: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for AvfDevice {
@@ -53,10 +57,30 @@ impl std::fmt::Debug for AvfDevice {
 }
 
 impl AvfDevice {
-    /// Build the device: `cfg.queue_pairs` (clamped to 1..=16) queue pairs, one MSI-X vector
-    /// each plus the mailbox vector.
-    pub fn new(name: &str, cfg: VfConfig) -> Result<Self, AvfError> {
+    /// Build the device: `cfg.queue_pairs` (clamped to 1..=16 and to what the backend
+    /// carries) queue pairs, one MSI-X vector each plus the mailbox vector. Without a
+    /// backend, TX frames are completed and dropped and nothing is received.
+    pub fn new(
+        name: &str,
+        cfg: VfConfig,
+        backend: Option<Arc<dyn NetBackend>>,
+    ) -> Result<Self, AvfError> {
+        let mut cfg = cfg;
+        if let Some(b) = &backend {
+            cfg.queue_pairs = cfg.queue_pairs.min(b.max_queue_pairs().max(1));
+            b.set_mac(cfg.mac);
+            // We write finished frames into RX buffers: no partial checksums or GSO.
+            if let Err(e) = b.set_rx_offloads(Offloads::empty()) {
+                log::warn!("{name}: backend RX offloads: {e}");
+            }
+        }
         let vf = VfState::new(cfg);
+        let pairs = vf.cfg.queue_pairs;
+        if let Some(b) = &backend {
+            if let Err(e) = b.set_active_pairs(pairs) {
+                log::warn!("{name}: backend queue pairs: {e}");
+            }
+        }
         let vectors = vf.max_vectors();
         let pci_err = |source| AvfError::Pci {
             device: name.to_string(),
@@ -90,21 +114,30 @@ impl AvfDevice {
         .build()
         .map_err(pci_err)?;
         let irqs = Irqs::new(pci.msix().cloned(), vectors);
-        let shared = Arc::new(Shared::new(vf, irqs));
+        let thread_err = |source| AvfError::Thread {
+            device: name.to_string(),
+            source,
+        };
+        let shared = Arc::new(Shared::new(vf, irqs).map_err(thread_err)?);
         let w = shared.clone();
         let worker = std::thread::Builder::new()
             .name(format!("{name}-aq"))
             .spawn(move || adminq::worker_loop(&w))
-            .map_err(|source| AvfError::Thread {
-                device: name.to_string(),
-                source,
-            })?;
-        Ok(Self {
+            .map_err(thread_err)?;
+        let dp = Poller::new(shared.clone(), backend, pairs);
+        let poller = std::thread::Builder::new()
+            .name(format!("{name}-dp"))
+            .spawn(move || dp.run());
+        let mut dev = Self {
             name: name.to_string(),
             pci,
             shared,
             worker: Some(worker),
-        })
+            poller: None,
+        };
+        // On error `dev` drops here and stops the worker.
+        dev.poller = Some(poller.map_err(thread_err)?);
+        Ok(dev)
     }
 
     /// A copy of the virtchnl state (for tests and diagnostics).
@@ -164,7 +197,10 @@ impl AvfDevice {
 impl Drop for AvfDevice {
     fn drop(&mut self) {
         self.shared.shutdown();
-        if let Some(t) = self.worker.take() {
+        for t in [self.worker.take(), self.poller.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
     }
@@ -260,6 +296,13 @@ impl DeviceModel for AvfDevice {
     fn reset(&mut self) {
         let mut core = self.shared.core();
         self.shared.vf_reset(&mut core, true);
+        drop(core);
+        // Wait out a datapath pass that still saw the old queues (bounded; skipped when
+        // memory is reached by messages).
+        if !self.shared.quiesce() {
+            log::warn!("{}: datapath did not stop for reset", self.name);
+        }
+        self.shared.resume();
     }
 
     fn attr(&self, key: &str) -> Option<String> {

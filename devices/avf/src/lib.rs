@@ -9,11 +9,12 @@
 //! - [`adminq`]: the admin-queue engine (ATQ consumer, ARQ producer) on a worker thread.
 //! - [`irq`]: the per-vector interrupt model (auto-mask, INTENA re-arm, SWINT_TRIG).
 //! - [`desc`]: TX/RX descriptor decode/encode and TX offloads as a vnet header.
+//! - [`datapath`]: the TX/RX poller on the netback backend.
 //! - [`device`]: the [`emudev::DeviceModel`] tying them to the PCI function.
 //!
-//! Not yet written: the TX/RX datapath (tails are latched in BAR0 for it).
 
 pub mod adminq;
+pub mod datapath;
 pub mod desc;
 pub mod device;
 pub mod irq;

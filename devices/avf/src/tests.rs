@@ -50,7 +50,7 @@ impl Drv {
             queue_pairs,
             ..VfConfig::default()
         };
-        let dev = ok(AvfDevice::new("avf-test", cfg));
+        let dev = ok(AvfDevice::new("avf-test", cfg, None));
         let mut d = Self {
             ip: ok(InProc::new(dev, 4)),
             atq_ntu: 0,
@@ -1095,7 +1095,7 @@ fn mailbox_interrupt_automask_and_rearm() {
 #[test]
 fn message_backed_rings_are_served_off_the_control_thread() {
     let cfg = VfConfig::default();
-    let dev = ok(AvfDevice::new("avf-msg", cfg));
+    let dev = ok(AvfDevice::new("avf-msg", cfg, None));
     let mut ip = ok(InProc::new(dev, 1));
     // Rings and buffers in a region reached only by DMA messages.
     let base = 0x1000_0000u64;
@@ -1162,4 +1162,315 @@ fn link_attribute_sends_events_while_running() {
     assert!(d
         .ip
         .with_device(|dev| { dev.set_attr("link", "sideways").is_err() }));
+}
+
+mod datapath {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use emudev_netback::{
+        NetBackend, NetError, NetRx, NetTx, RxVerdict, TxBurst, VirtioNetHdr, VNET_HDR_LEN,
+    };
+
+    use crate::desc::{tx_cmd, CTX_CMD_TSO, TX_DESC_DONE};
+
+    /// A backend that records sent frames and delivers queued ones.
+    #[derive(Default, Clone)]
+    struct Mock {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        active: Arc<std::sync::atomic::AtomicU16>,
+    }
+
+    struct MockTx(Arc<Mutex<Vec<Vec<u8>>>>);
+    struct MockRx(Arc<Mutex<VecDeque<Vec<u8>>>>);
+
+    impl NetBackend for Mock {
+        fn describe(&self) -> String {
+            "mock".into()
+        }
+        fn max_queue_pairs(&self) -> u16 {
+            4
+        }
+        fn rx(&self, _pair: u16) -> Result<Box<dyn NetRx>, NetError> {
+            Ok(Box::new(MockRx(self.inbox.clone())))
+        }
+        fn tx(&self, _pair: u16) -> Result<Box<dyn NetTx>, NetError> {
+            Ok(Box::new(MockTx(self.sent.clone())))
+        }
+        fn set_active_pairs(&self, pairs: u16) -> Result<(), NetError> {
+            self.active
+                .store(pairs, std::sync::atomic::Ordering::Release);
+            Ok(())
+        }
+    }
+
+    impl NetTx for MockTx {
+        fn send_burst(&mut self, burst: &TxBurst) -> Result<usize, NetError> {
+            let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..burst.len() {
+                let mut f = Vec::new();
+                burst.copy_frame(i, &mut f, usize::MAX);
+                sent.push(f);
+            }
+            Ok(burst.len())
+        }
+    }
+
+    impl NetRx for MockRx {
+        fn recv_burst(
+            &mut self,
+            max: usize,
+            sink: &mut dyn FnMut(&[u8]) -> RxVerdict,
+        ) -> Result<usize, NetError> {
+            let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut n = 0;
+            while n < max {
+                let Some(f) = q.front() else { break };
+                if sink(f) == RxVerdict::NoRoom {
+                    break;
+                }
+                q.pop_front();
+                n += 1;
+            }
+            Ok(n)
+        }
+        fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+    }
+
+    const RX_BUFS: u64 = 0x30_0000;
+
+    fn running(mock: &Mock) -> Drv {
+        let cfg = VfConfig::default();
+        let dev = ok(AvfDevice::new("avf-dp", cfg, Some(Arc::new(mock.clone()))));
+        let mut d = Drv {
+            ip: ok(InProc::new(dev, 4)),
+            atq_ntu: 0,
+            arq_ntc: 0,
+        };
+        d.init_aq();
+        d.negotiate();
+        let m = irq_map(&[(1, 1, 1, 1), (1, 0, 0, 0)], 2);
+        assert_eq!(d.status(op::CONFIG_IRQ_MAP, &m), status::SUCCESS);
+        // RX buffers posted before the queue config, like Linux.
+        for i in 0..64u64 {
+            d.put(RX_RING + i * 32, &(RX_BUFS + i * 2048).to_le_bytes());
+            d.put(RX_RING + i * 32 + 8, &[0; 24]);
+        }
+        d.wr(QRX_TAIL, 63);
+        let pairs = [qpair(0, (TX_RING, 64), (RX_RING, 64))];
+        assert_eq!(
+            d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 1)),
+            status::SUCCESS
+        );
+        d.send(op::ENABLE_QUEUES, &select(1, 1, 1));
+        assert_eq!(d.recv().0, op::ENABLE_QUEUES);
+        assert_eq!(d.recv().0, op::EVENT);
+        d
+    }
+
+    fn tx_desc(d: &Drv, idx: u64, addr: u64, qw1: u64) {
+        let mut raw = addr.to_le_bytes().to_vec();
+        raw.extend_from_slice(&qw1.to_le_bytes());
+        d.put(TX_RING + idx * 16, &raw);
+    }
+
+    fn data_qw1(cmd: u16, size: u64) -> u64 {
+        // MACLEN 14, IPLEN 20, L4LEN 20.
+        let off = 7u64 | (5 << 7) | (5 << 14);
+        (u64::from(cmd) << 4) | (off << 16) | (size << 34)
+    }
+
+    fn stats(d: &mut Drv) -> vc::EthStats {
+        let (_, s) = d.call(op::GET_STATS, &select(1, 0, 0));
+        ok(vc::EthStats::read_from_bytes(&s))
+    }
+
+    #[test]
+    fn tx_tso_packet_reaches_backend_with_offload_header() {
+        let mock = Mock::default();
+        let mut d = running(&mock);
+        let irqs = ok(d.ip.enable_msix(2));
+        d.wr(VFINT_DYN_CTLN, DYN_CTL_INTENA | (3 << 3));
+        // A 3000-byte TSO frame in two buffers after a context descriptor.
+        let frame: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        d.put(0x28_0000, &frame[..1000]);
+        d.put(0x29_0000, &frame[1000..]);
+        let ctx = 1 | (u64::from(CTX_CMD_TSO) << 4) | (2946u64 << 30) | (1448u64 << 50);
+        tx_desc(&d, 0, 0, ctx);
+        let cmd = tx_cmd::IIPT_IPV4_CSUM | tx_cmd::L4T_TCP | tx_cmd::ICRC;
+        tx_desc(&d, 1, 0x28_0000, data_qw1(cmd, 1000));
+        tx_desc(
+            &d,
+            2,
+            0x29_0000,
+            data_qw1(cmd | tx_cmd::EOP | tx_cmd::RS, 2000),
+        );
+        d.wr(QTX_TAIL, 3);
+        assert!(wait_until(|| !mock
+            .sent
+            .lock()
+            .map(|s| s.is_empty())
+            .unwrap_or(true)));
+        let sent = mock.sent.lock().map(|s| s.clone()).unwrap_or_default();
+        assert_eq!(sent.len(), 1);
+        let hdr = ok(VirtioNetHdr::read_from_bytes(&sent[0][..VNET_HDR_LEN]));
+        assert_eq!(hdr.gso_type, emudev_netback::hdr::gso::TCPV4);
+        assert_eq!((hdr.gso_size.get(), hdr.hdr_len.get()), (1448, 54));
+        assert_eq!((hdr.csum_start.get(), hdr.csum_offset.get()), (34, 16));
+        let out = &sent[0][VNET_HDR_LEN..];
+        assert_eq!(out.len(), frame.len());
+        assert!(out[54..] == frame[54..], "payload unchanged");
+        assert_eq!(
+            &out[16..18],
+            &(3000u16 - 14).to_be_bytes(),
+            "IPv4 tot_len filled in"
+        );
+        // RS write-back on the EOP descriptor, then the TX vector fires.
+        assert!(wait_until(|| {
+            let q = d.get(TX_RING + 2 * 16 + 8, 8);
+            u64::from_le_bytes(q.try_into().unwrap_or([0; 8])) == TX_DESC_DONE
+        }));
+        assert_eq!(irqs[1].wait(TIMEOUT), 1, "TX completion interrupt");
+        let s = stats(&mut d);
+        assert_eq!((s.tx_bytes.get(), s.tx_unicast.get()), (3000, 1));
+    }
+
+    #[test]
+    fn backend_steers_to_enabled_rx_queues() {
+        let mock = Mock::default();
+        let cfg = VfConfig {
+            queue_pairs: 3,
+            ..VfConfig::default()
+        };
+        let dev = ok(AvfDevice::new(
+            "avf-steer",
+            cfg,
+            Some(Arc::new(mock.clone())),
+        ));
+        let mut d = Drv {
+            ip: ok(InProc::new(dev, 4)),
+            atq_ntu: 0,
+            arq_ntc: 0,
+        };
+        d.init_aq();
+        d.negotiate();
+        let active = || mock.active.load(std::sync::atomic::Ordering::Acquire);
+        assert_eq!(active(), 3, "all pairs at creation");
+        let pairs = [
+            qpair(0, (TX_RING, 64), (RX_RING, 64)),
+            qpair(1, (TX_RING + 0x1000, 64), (RX_RING + 0x2000, 64)),
+        ];
+        assert_eq!(
+            d.status(op::CONFIG_VSI_QUEUES, &vsi_queues(&pairs, 2)),
+            status::SUCCESS
+        );
+        d.send(op::ENABLE_QUEUES, &select(1, 3, 3));
+        d.recv();
+        d.recv();
+        assert!(
+            wait_until(|| active() == 2),
+            "ethtool -L 2: steer to two pairs"
+        );
+    }
+
+    #[test]
+    fn tx_bad_buffer_is_counted_and_still_completed() {
+        let mock = Mock::default();
+        let mut d = running(&mock);
+        tx_desc(&d, 0, 0x7000_0000, data_qw1(tx_cmd::EOP | tx_cmd::RS, 100));
+        // An incomplete packet (no EOP) is left for later.
+        tx_desc(&d, 1, 0x28_0000, data_qw1(0, 100));
+        d.wr(QTX_TAIL, 2);
+        assert!(wait_until(|| {
+            let q = d.get(TX_RING + 8, 8);
+            u64::from_le_bytes(q.try_into().unwrap_or([0; 8])) == TX_DESC_DONE
+        }));
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(d.ip.with_device(|dev| dev.vf_state().queues[0].tx_head), 1);
+        assert_eq!(stats(&mut d).tx_errors.get(), 1);
+        assert!(mock.sent.lock().map(|s| s.is_empty()).unwrap_or(false));
+    }
+
+    fn rx_qw1(d: &Drv, i: u64) -> u64 {
+        u64::from_le_bytes(d.get(RX_RING + i * 32 + 8, 8).try_into().unwrap_or([0; 8]))
+    }
+
+    #[test]
+    fn rx_frame_spans_descriptors_and_oversize_is_dropped() {
+        let mock = Mock::default();
+        let mut d = running(&mock);
+        let irqs = ok(d.ip.enable_msix(2));
+        d.wr(VFINT_DYN_CTLN, DYN_CTL_INTENA | (3 << 3));
+        let frame: Vec<u8> = (0..3000u32).map(|i| (i * 3) as u8).collect();
+        let with_hdr = |f: &[u8]| {
+            let mut v = vec![0u8; VNET_HDR_LEN];
+            v.extend_from_slice(f);
+            v
+        };
+        if let Ok(mut q) = mock.inbox.lock() {
+            q.push_back(with_hdr(&vec![0xff; 10_000]));
+            q.push_back(with_hdr(&frame));
+        }
+        d.wr(QRX_TAIL, 63);
+        assert!(wait_until(|| rx_qw1(&d, 1) & 1 == 1));
+        let (q0, q1) = (rx_qw1(&d, 0), rx_qw1(&d, 1));
+        assert_eq!(q0 & 3, 1, "first: DD, no EOF");
+        assert_eq!(q0 >> 38 & 0x3fff, 1536);
+        assert_eq!(q1 & 3, 3, "last: DD|EOF");
+        assert_eq!(q1 >> 38 & 0x3fff, 3000 - 1536);
+        let mut got = d.get(RX_BUFS, 1536);
+        got.extend(d.get(RX_BUFS + 2048, 3000 - 1536));
+        assert_eq!(got, frame);
+        assert_eq!(irqs[1].wait(TIMEOUT), 1, "RX interrupt");
+        assert_eq!(d.ip.with_device(|dev| dev.vf_state().queues[0].rx_head), 2);
+        let s = stats(&mut d);
+        assert_eq!(
+            (s.rx_bytes.get(), s.rx_unicast.get(), s.rx_discards.get()),
+            (3000, 1, 1)
+        );
+        assert_eq!(s.rx_broadcast.get(), 0);
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_disable_stops_dma() {
+        let mock = Mock::default();
+        let mut d = running(&mock);
+        // Head 0, tail 0: no buffers owned; the frame waits in the backend.
+        d.wr(QRX_TAIL, 0);
+        if let Ok(mut q) = mock.inbox.lock() {
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend_from_slice(&[0xff; 60]);
+            q.push_back(f);
+        }
+        d.wr(QRX_TAIL, 0);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(rx_qw1(&d, 0), 0);
+        assert_eq!(mock.inbox.lock().map(|q| q.len()).unwrap_or(0), 1);
+        d.wr(QRX_TAIL, 1);
+        assert!(wait_until(|| rx_qw1(&d, 0) & 3 == 3));
+        assert_eq!(stats(&mut d).rx_broadcast.get(), 1);
+        // After the DISABLE_QUEUES reply nothing touches the rings.
+        assert_eq!(
+            d.status(op::DISABLE_QUEUES, &select(1, 1, 1)),
+            status::SUCCESS
+        );
+        tx_desc(&d, 0, 0x28_0000, data_qw1(tx_cmd::EOP | tx_cmd::RS, 60));
+        d.wr(QTX_TAIL, 1);
+        if let Ok(mut q) = mock.inbox.lock() {
+            q.push_back(vec![0u8; VNET_HDR_LEN + 60]);
+        }
+        d.wr(QRX_TAIL, 2);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(mock.sent.lock().map(|s| s.is_empty()).unwrap_or(false));
+        assert_eq!(rx_qw1(&d, 1), 0);
+        let q = d.get(TX_RING + 8, 8);
+        assert_ne!(
+            u64::from_le_bytes(q.try_into().unwrap_or([0; 8])),
+            TX_DESC_DONE
+        );
+    }
 }

@@ -301,7 +301,9 @@ impl BlkEngine {
                     (status::UNSUPP, 0)
                 }
             };
-            mem.write(status_addr, &[st])
+            // Through the mapping even below 1 MiB (tcg-boot): the status byte is never
+            // code, and the data it follows has already reached guest memory.
+            mem.write_not_code(status_addr, &[st])
                 .map_err(|_| Malformed::StatusUnwritable)?;
             Ok(Completion {
                 used_len: written.saturating_add(1),

@@ -5,7 +5,7 @@
 # under $FW_CACHE, keyed by a hash of every input.
 set -uo pipefail
 FW_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-export HARNESS_DIR=${HARNESS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-harness}
+export HARNESS_DIR=${HARNESS_DIR:-${EMUDEV_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/emudev-guest}}
 FW_ROOTFS=$HARNESS_DIR/rootfs
 FW_QEMU=$HARNESS_DIR/bin/qemu-system-x86_64
 FW_CACHE=${FW_CACHE:-$HARNESS_DIR/firmware-images}
@@ -32,8 +32,10 @@ fw_need_host_pkgs() {
     command -v objcopy >/dev/null || missing+=(binutils)
     [ ${#missing[@]} = 0 ] && return 0
     echo "firmware: installing host packages: ${missing[*]}" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
-        >&2 || fw_die "apt-get install ${missing[*]} failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2 \
+        || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+                 --no-install-recommends "${missing[@]}" >&2; } \
+        || fw_die "apt-get install ${missing[*]} failed"
 }
 
 # fw_need_ovmf: install Debian's ovmf into the harness rootfs if missing (idempotent).
@@ -167,6 +169,8 @@ fw_boot_ours() {
     local kind=$1 mem=$2 name=$3 img=$4 dir=$5 tag=$6 sock srv t js
     sock=$dir/blk.sock; rm -f "$sock"
     cp "$img" "$dir/disk.img"
+    # tcg-boot=on: our writes below 1 MiB go through QEMU (DMA_WRITE), else TCG keeps running
+    # the MBR's stale translation at 0x7c00 after we load the partition's boot sector there.
     start_server "$name" "$BIN/emudevd" --device "virtio-blk,socket=$sock,path=$dir/disk.img,tcg-boot=on"
     srv=${SERVER_PIDS[-1]}
     wait_socket "$sock" || { kill "$srv"; wait "$srv"; return 1; }

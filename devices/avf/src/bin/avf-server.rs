@@ -1,12 +1,18 @@
 //! Serve one emulated AVF NIC on a vfio-user socket (guest cases).
 //!
 //! ```text
-//! avf-server --socket PATH [--mac 52:54:00:12:34:56] [--queue-pairs N] [--speed MBPS]
+//! avf-server --socket PATH [--backend tap:IFNAME|switch:NAME] [--mac 52:54:00:12:34:56]
+//!            [--queue-pairs N] [--speed MBPS]
 //! ```
-//! No datapath yet: the guest's iavf probes, negotiates and sees link up; frames go nowhere.
+//! Without `--backend`, transmitted frames are completed and dropped.
 
 use emudev::VfioUserAdapter;
+use std::sync::Arc;
+
 use emudev_avf::{AvfDevice, VfConfig};
+use emudev_netback::switch::L2Switch;
+use emudev_netback::tap::Tap;
+use emudev_netback::NetBackend;
 use emudev_vfio_user::{Server, ServerOptions};
 
 struct StderrLog;
@@ -37,10 +43,12 @@ fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut socket = None;
     let mut cfg = VfConfig::default();
+    let mut backend = None;
     while let Some(a) = args.next() {
         let v = args.next().ok_or(format!("{a}: missing value"))?;
         match a.as_str() {
             "--socket" => socket = Some(v),
+            "--backend" => backend = Some(v),
             "--mac" => cfg.mac = parse_mac(&v)?,
             "--queue-pairs" => cfg.queue_pairs = v.parse().map_err(|e| format!("{v}: {e}"))?,
             "--speed" => cfg.link_speed_mbps = v.parse().map_err(|e| format!("{v}: {e}"))?,
@@ -48,7 +56,19 @@ fn run() -> Result<(), String> {
         }
     }
     let socket = socket.ok_or("--socket is required")?;
-    let dev = AvfDevice::new("avf0", cfg).map_err(|e| e.to_string())?;
+    let backend: Option<Arc<dyn NetBackend>> = match backend.as_deref().map(|b| b.split_once(':')) {
+        None => None,
+        Some(Some(("tap", n))) => Some(Arc::new(
+            Tap::open(n, cfg.queue_pairs).map_err(|e| e.to_string())?,
+        )),
+        Some(Some(("switch", n))) => Some(Arc::new(
+            L2Switch::named(n)
+                .add_port(cfg.queue_pairs)
+                .map_err(|e| e.to_string())?,
+        )),
+        Some(_) => return Err("--backend: expected tap:IFNAME or switch:NAME".into()),
+    };
+    let dev = AvfDevice::new("avf0", cfg, backend).map_err(|e| e.to_string())?;
     let adapter = VfioUserAdapter::new(dev);
     let mut server =
         Server::bind(&socket, adapter, ServerOptions::default()).map_err(|e| e.to_string())?;
