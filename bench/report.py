@@ -138,7 +138,7 @@ def guest_section(out, env, lines):
         by.setdefault((r["config"], r["job"]), []).append(r)
     lines.append(
         f"fio {env.get('FIO_DESC', '4k, direct=1, libaio, numjobs=1')}; "
-        f"{env.get('GUEST_RUNS', '?')} runs per job, median (min–max). Configurations:\n"
+        f"runs per job: {env.get('GUEST_RUNS', '?')}. Cells are median (min–max). Configurations:\n"
     )
     lines.append("- `ours-null`: emudevd virtio-blk, null backend (no storage cost).")
     lines.append("- `ours-file`: emudevd virtio-blk, raw image in tmpfs (`/dev/shm`), buffered preadv/pwritev (default `direct=off`).")
