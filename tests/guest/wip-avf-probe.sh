@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Not in the default guest suite yet (issue 6 is open; seen flaky under load): run with
+# scripts/guest-tests.sh tests/guest/wip-avf-*.sh
 # The emulated AVF NIC (devices/avf, served by avf-server) with the guest's stock iavf
 # driver: the driver binds to 8086:1889, negotiates over the admin queue (VERSION,
 # GET_VF_RESOURCES, IRQ map, RSS, MAC filter, queue config/enable), registers a netdev with

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Not in the default guest suite (it is a benchmark): scripts/guest-tests.sh tests/guest/bench-net.sh
 # Benchmark: our virtio-net (tap backend) beside QEMU's own virtio-net-pci on a tap
 # (vhost=off) in the same guest and run. TCP throughput both ways and a 64-byte UDP packet
 # rate, guest -> namespace. QEMU runs inside the test namespace so its tap lives there.

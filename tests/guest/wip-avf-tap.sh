@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Not in the default guest suite yet (issue 6 is open; seen flaky under load): run with
+# scripts/guest-tests.sh tests/guest/wip-avf-*.sh
 # The AVF NIC (avf-server) on a tap in a private namespace with the guest's stock iavf:
 # carrier up, ping the namespace side, iperf3 TCP both ways and UDP out with the driver's default
 # offloads (TX checksum and TSO, passed to the tap as a vnet header), no TCP/UDP checksum
