@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Link down/up set on the server (set_attr "link", a config interrupt) is seen by the guest's
-# virtio_net as carrier off/on.
+# Link down/up set from the daemon (`emudevctl set-link`, a config interrupt) is seen by the
+# guest's virtio_net as carrier off/on.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/net-lib.sh"
 M=52:54:00:e0:de:21 sock=$WORKDIR/n.sock
-start_server link "$NETSRV" --control "$CTL" --device "socket=$sock,backend=switch:sw0,mac=$M"
+ctlsock=$WORKDIR/control.sock
+start_server link "$BIN/emudevd" --control "$ctlsock" \
+    --device "virtio-net,socket=$sock,id=nic0,backend=switch,switch=sw0,mac=$M"
 wait_socket "$sock" || exit 1
 cat >"$WORKDIR/guest.sh" <<GUEST
 #!/bin/sh
@@ -28,9 +30,9 @@ console=$GUEST_LOGS/$CASE.console.log
 guest "$WORKDIR/guest.sh" --vfio-user "$sock" &
 gpid=$!
 for _ in $(seq 1200); do grep -q WAIT-DOWN "$console" 2>/dev/null && break; sleep 0.1; done
-ctl link 0 down
+"$BIN/emudevctl" --control "$ctlsock" set-link nic0 down || echo "set-link down failed"
 for _ in $(seq 200); do grep -q LINK-DOWN-SEEN "$console" 2>/dev/null && break; sleep 0.1; done
-ctl link 0 up
+"$BIN/emudevctl" --control "$ctlsock" set-link nic0 up || echo "set-link up failed"
 wait $gpid; rc=$?
 grep -E "LINK-|carrier" "$console"
 [ "$rc" = 0 ] || { echo "guest failed rc=$rc"; exit 1; }

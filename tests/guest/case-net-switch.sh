@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Two of our virtio-net NICs on the server's in-process L2 switch, in one guest: one stays
 # in the guest's root namespace, the other moves into a guest netns; they ping each other
-# and run iperf3 TCP through the switch (no host networking involved). The second NIC has
-# offloads and MRG_RXBUF off: the switch segments and checksums for it in software.
+# and run iperf3 TCP through the switch (no host networking involved), all served by emudevd.
+# The second NIC has offloads off: the switch segments and checksums for it in software.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/net-lib.sh"
 M1=52:54:00:e0:de:11 M2=52:54:00:e0:de:12
 s1=$WORKDIR/n1.sock s2=$WORKDIR/n2.sock
-start_server switch "$NETSRV" --pollers 2 --control "$CTL" \
-    --device "socket=$s1,backend=switch:sw0,mac=$M1" \
-    --device "socket=$s2,backend=switch:sw0,mac=$M2,offloads=off,mrg=off"
+ctlsock=$WORKDIR/control.sock
+start_server switch "$BIN/emudevd" --pollers 2 --control "$ctlsock" \
+    --device "virtio-net,socket=$s1,id=nic0,backend=switch,switch=sw0,mac=$M1" \
+    --device "virtio-net,socket=$s2,id=nic1,backend=switch,switch=sw0,mac=$M2,offloads=off"
 wait_socket "$s1" && wait_socket "$s2" || exit 1
 cat >"$WORKDIR/guest.sh" <<GUEST
 #!/bin/sh
@@ -32,6 +33,6 @@ GUEST
 chmod +x "$WORKDIR/guest.sh"
 guest "$WORKDIR/guest.sh" --vfio-user "$s1" --vfio-user "$s2"
 rc=$?
-ctl stats 0; ctl stats 1; sleep 0.5
+"$BIN/emudevctl" --control "$ctlsock" query-stats
 [ "$rc" = 0 ] || { echo "guest failed rc=$rc"; exit 1; }
 echo PASS
