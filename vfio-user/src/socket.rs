@@ -60,10 +60,10 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
             fds: Vec::new(),
             truncated: mh.msg_flags & libc::MSG_CTRUNC != 0,
         };
+        // Each SCM_RIGHTS entry holds fds the kernel just installed in our table, which
+        // nobody else owns, so wrapping each in an OwnedFd exactly once is sound.
         // SAFETY: the kernel filled `mh.msg_control` with `msg_controllen` valid bytes; the
-        // CMSG_* macros walk only inside that range. Each SCM_RIGHTS entry holds fds the
-        // kernel just installed in our table, which nobody else owns, so wrapping each in an
-        // OwnedFd exactly once is sound.
+        // CMSG_* macros walk only inside that range.
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&mh);
             while !cmsg.is_null() {

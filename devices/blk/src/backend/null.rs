@@ -66,11 +66,11 @@ impl BlockBackend for NullBackend {
         self.check(offset, bufs)?;
         for b in bufs {
             let g = b.ptr_guard_mut();
+            // A plain byte fill: VolatileSlice::copy_from would do it with slow volatile word
+            // stores. Guest memory may be accessed concurrently by the guest; a byte fill
+            // tolerates that exactly like a device DMA or the kernel's copy in preadv.
             // SAFETY: the guard's pointer is valid for `g.len()` writable bytes while the
-            // VolatileSlice (borrowed for this call) and the guard live. Guest memory may be
-            // accessed concurrently by the guest; a byte fill tolerates that exactly like a
-            // device DMA or the kernel's copy in preadv. (VolatileSlice::copy_from would do
-            // it with slow volatile word stores.)
+            // VolatileSlice (borrowed for this call) and the guard live.
             unsafe { std::ptr::write_bytes(g.as_ptr(), 0, g.len()) };
         }
         Ok(())

@@ -289,10 +289,10 @@ impl RawFile {
                 size: self.size,
             })?;
             let ret = match dir {
+                // Volatile slices may be concurrently modified by the guest, which the kernel
+                // copy tolerates; the kernel writes only within the iovec ranges.
                 // SAFETY: every iovec points into a VolatileSlice borrowed for this call (and
-                // kept mapped by its guard), with base+len inside the slice; the kernel writes
-                // only within these ranges. Volatile slices may be concurrently modified by
-                // the guest, which the kernel copy tolerates.
+                // kept mapped by its guard), with base+len inside the slice.
                 Dir::Read => unsafe { libc::preadv(fd, iov.as_ptr(), n as libc::c_int, off) },
                 // SAFETY: as above; the kernel only reads these ranges.
                 Dir::Write => unsafe { libc::pwritev(fd, iov.as_ptr(), n as libc::c_int, off) },
