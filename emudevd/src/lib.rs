@@ -3,6 +3,7 @@
 //! The `emudevd` binary (src/main.rs) is built on this.
 
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod devices;
 pub mod notify;

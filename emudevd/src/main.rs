@@ -35,6 +35,8 @@ Options:
   --socket-group GID     make sockets 0660 with this group (default: 0600, owner only)
   --pollers N            poller threads shared by all devices (default 1)
   --pidfile PATH         write our pid here (removed on exit)
+  --config FILE          devices and settings from a TOML file ([[device]] tables with
+                         type = \"...\" and the --device keys); flags win over the file
   --control PATH         control socket (JSON lines, QMP style; see emudevctl)
   --print-capabilities   print device types and features as JSON, then exit
   -h, --help             this text
@@ -52,6 +54,9 @@ struct Args {
     pidfile: Option<PathBuf>,
     control: Option<PathBuf>,
     print_capabilities: bool,
+    /// `--pollers` was given (it then wins over the config file).
+    pollers_set: bool,
+    config: Option<PathBuf>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
@@ -95,6 +100,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             }
             "--pollers" => {
                 let v = value("--pollers")?;
+                a.pollers_set = true;
                 a.pollers = v
                     .parse()
                     .ok()
@@ -102,6 +108,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
                     .ok_or_else(|| format!("--pollers {v}: expected 1 to 64"))?;
             }
             "--pidfile" => a.pidfile = Some(value("--pidfile")?.into()),
+            "--config" => a.config = Some(value("--config")?.into()),
             "--control" => a.control = Some(value("--control")?.into()),
             "--print-capabilities" => a.print_capabilities = true,
             other => return Err(format!("unknown argument '{other}' (see --help)")),
@@ -199,11 +206,32 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// Merge `--config FILE` into the command line: its devices come first; a flag given on the
+/// command line wins over the same setting in the file.
+fn apply_config_file(args: &mut Args, path: &std::path::Path) -> Result<(), String> {
+    let name = format!("--config {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+    let file = emudevd::config_file::parse(&name, &text)?;
+    let mut devices = file.devices;
+    devices.append(&mut args.devices);
+    args.devices = devices;
+    if !args.pollers_set {
+        args.pollers = file.pollers.unwrap_or(args.pollers);
+    }
+    args.control = args.control.take().or(file.control);
+    args.pidfile = args.pidfile.take().or(file.pidfile);
+    args.socket_group = args.socket_group.or(file.socket_group);
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(args) = parse_args(&argv)? else {
+    let Some(mut args) = parse_args(&argv)? else {
         return Ok(());
     };
+    if let Some(path) = args.config.clone() {
+        apply_config_file(&mut args, &path)?;
+    }
     if args.print_capabilities {
         println!("{:#}", capabilities());
         return Ok(());

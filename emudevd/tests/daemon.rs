@@ -259,3 +259,57 @@ fn a_live_socket_is_refused_and_a_stale_one_replaced() {
     assert!(log.contains("exists and is not a socket"), "{log}");
     assert_eq!(std::fs::read(&sock).unwrap(), b"data");
 }
+
+#[test]
+fn devices_and_settings_come_from_a_toml_config_file() {
+    let d = TempDir::new("toml");
+    let conf = d.path("emudev.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "control = \"{}\"\npidfile = \"{}\"\n\n[[device]]\ntype = \"testdev\"\nsocket = \"{}\"\nid = \"td\"\n",
+            d.s("ctl.sock"),
+            d.s("pid"),
+            d.s("t.sock")
+        ),
+    )
+    .unwrap();
+    // A device from the command line joins the file's.
+    let argv = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--device".into(),
+        format!("testdev,socket={}", d.s("u.sock")),
+    ];
+    let mut daemon = Daemon::spawn(&d, &argv);
+    wait_listening(&mut daemon, &d.path("t.sock"));
+    wait_listening(&mut daemon, &d.path("u.sock"));
+    wait_listening(&mut daemon, &d.path("ctl.sock"));
+    let mut ctl = Ctl::connect(&d.path("ctl.sock"));
+    let r = ctl.call(serde_json::json!({"execute": "query-devices"}));
+    let names: Vec<&str> = r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"td"), "{r}");
+    assert_eq!(names.len(), 2, "{r}");
+    assert!(d.path("pid").exists());
+    assert!(daemon.stop().success());
+    assert!(!d.path("t.sock").exists() && !d.path("pid").exists());
+
+    // A bad file fails before anything is created, naming the file and the key.
+    std::fs::write(
+        &conf,
+        format!(
+            "[[device]]\ntype = \"testdev\"\nsocket = \"{}\"\nbogus = 1\n",
+            d.s("t.sock")
+        ),
+    )
+    .unwrap();
+    let (st, log) = run_to_end(&d, &["--config".into(), conf.display().to_string()]);
+    assert!(!st.success());
+    assert!(log.contains("unknown option 'bogus'"), "{log}");
+    assert!(!d.path("t.sock").exists());
+}
