@@ -217,8 +217,17 @@ mod tests {
         }
     }
 
-    fn is_open(fd: RawFd) -> bool {
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+    /// Identity of the file behind `fd`, to tell "still open" from "closed, and the number
+    /// reused by another test's fd" (tests run in parallel threads).
+    fn identity(fd: RawFd) -> Option<(u64, u64)> {
+        nix::sys::stat::fstat(fd)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    }
+
+    /// `fd` no longer refers to the file whose identity was `was`.
+    fn closed(fd: RawFd, was: Option<(u64, u64)>) -> bool {
+        was.is_some() && identity(fd) != was
     }
 
     fn spans(t: &DmaTable) -> Vec<(u64, u64, u64)> {
@@ -286,27 +295,30 @@ mod tests {
         // Range beyond the file: refused, fd closed.
         let fd = memfd(0x1000);
         let raw = fd.as_raw_fd();
+        let was = identity(raw);
         assert_eq!(
             t.map(&req(0x20000, 0x2000), Some(fd)).unwrap_err(),
             Errno::EINVAL
         );
-        assert!(!is_open(raw));
+        assert!(closed(raw, was));
         // An fd that cannot be mmapped (a pipe): refused, fd closed.
         let (rd, _wr) = nix::unistd::pipe().unwrap();
         let raw = rd.as_raw_fd();
+        let was = identity(raw);
         assert_eq!(
             t.map(&req(0x20000, 0x1000), Some(rd)).unwrap_err(),
             Errno::EINVAL
         );
-        assert!(!is_open(raw));
+        assert!(closed(raw, was));
         // Overlap with an fd: fd closed too.
         let fd = memfd(0x2000);
         let raw = fd.as_raw_fd();
+        let was = identity(raw);
         assert_eq!(
             t.map(&req(0x10000, 0x1000), Some(fd)).unwrap_err(),
             Errno::EEXIST
         );
-        assert!(!is_open(raw));
+        assert!(closed(raw, was));
         assert_eq!(t.len(), 1);
     }
 
