@@ -316,3 +316,54 @@ fn revoked_port_idles_the_queue_and_keeps_staged_completions() {
     assert!(q.pop().is_err());
     assert!(matches!(q.error(), Some(QueueError::Memory(_))));
 }
+
+#[test]
+fn ring_error_of_a_queue_stopping_for_reset_does_not_outlive_the_reset() {
+    let pool = PollerPool::new(1).unwrap();
+    let bytes = new_bytes();
+    let (driver_mem, _) = snapshot(&bytes);
+    let (dev_mem, port) = snapshot(&bytes);
+    struct Release(Arc<Port>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.mode.store(PASS, Ordering::Release);
+        }
+    }
+    let _release = Release(port.clone());
+
+    let mut d = device("late-error", &pool);
+    assert!(d.set_memory_lazy(&dev_mem));
+    let mut drv = SplitDriver::new(driver_mem, 0x1_0000, 16);
+    bring_up(&mut d, &drv);
+    echo(&mut d, &mut drv, 0x8_0000, 0x9_0000, b"before");
+
+    // The poller blocks in a transfer; the driver resets meanwhile.
+    port.mode.store(HOLD, Ordering::Release);
+    drv.add_chain(&[Buf::r(0x8_0000, 4), Buf::w(0x9_0000, 64)]);
+    wr(&mut d, layout::NOTIFY_OFFSET, 2, 0);
+    wait_for("a held transfer", || port.held.load(Ordering::Acquire) > 0);
+    wr(&mut d, co::DEVICE_STATUS, 1, 0);
+    assert_ne!(
+        rd(&mut d, co::DEVICE_STATUS, 1),
+        0,
+        "reset still in progress"
+    );
+
+    // The transfer then fails: the old queue reports a ring error while it stops. That
+    // error belongs to the device instance the driver just reset, so the reset still
+    // completes to 0 (Linux polls for 0 forever) and stays there.
+    port.mode.store(REFUSED, Ordering::Release);
+    wait_for("reset to complete", || {
+        rd(&mut d, co::DEVICE_STATUS, 1) == 0
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0);
+
+    // The next bring-up starts clean: no DEVICE_NEEDS_RESET carried over.
+    port.mode.store(PASS, Ordering::Release);
+    let mut drv = SplitDriver::new(drv.mem.clone(), 0x2_0000, 16);
+    bring_up(&mut d, &drv);
+    assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0xf);
+    echo(&mut d, &mut drv, 0x8_0000, 0x9_0000, b"after");
+    assert_eq!(rd(&mut d, co::DEVICE_STATUS, 1), 0xf);
+}

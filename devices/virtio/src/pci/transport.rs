@@ -266,7 +266,7 @@ impl Runtime {
             }
         });
         if p.stops.is_empty() {
-            self.resetting = None;
+            self.finish_reset();
             return None;
         }
         if p.since.elapsed() > self.timeout {
@@ -277,10 +277,17 @@ impl Runtime {
                 p.stops.len(),
                 self.timeout
             );
-            self.resetting = None;
+            self.finish_reset();
             return None;
         }
         Some(p.status)
+    }
+
+    /// The reset's queue stops are over. A ring error their queues reported meanwhile
+    /// belongs to the device instance the driver reset, not to the next one.
+    fn finish_reset(&mut self) {
+        self.resetting = None;
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     fn engine_memory(&mut self, mem: Arc<GuestMemory>) -> Completion {
@@ -627,7 +634,17 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
     }
 
     /// Fold a datapath DEVICE_NEEDS_RESET request into the status register.
+    /// Not while a reset is in progress or after it (status 0): DEVICE_NEEDS_RESET there
+    /// would come from queues of the reset instance, and a driver polling for status 0
+    /// (Linux `vp_reset`) would wait forever.
     fn sync_needs_reset(&mut self) {
+        if self.rt.resetting.is_some() {
+            return;
+        }
+        if self.common.status() == 0 {
+            self.rt.needs_reset.store(false, Ordering::SeqCst);
+            return;
+        }
         if self.rt.needs_reset.load(Ordering::SeqCst) {
             // The interrupt was sent by whoever raised the flag.
             let _ = self.common.set_needs_reset();
