@@ -111,6 +111,10 @@ struct Runtime {
     /// DEVICE_NEEDS_RESET requested by the datapath (poller threads) or a failed start;
     /// folded into the status register on the control thread.
     needs_reset: Arc<AtomicBool>,
+    /// Per queue: true from the start request until the stop request. A ring error from a
+    /// queue instance that is being stopped (device or queue reset) belongs to the instance
+    /// the driver reset and raises nothing.
+    live: Arc<[AtomicBool]>,
     counters: Arc<TransportCounters>,
     timeout: Duration,
     /// Where queue start/stop events go (set by the transport adapter).
@@ -138,6 +142,12 @@ fn raise_needs_reset(flag: &AtomicBool, irqs: &VirtioInterrupts, counters: &Tran
 }
 
 impl Runtime {
+    fn set_live(&self, index: u16, live: bool) {
+        if let Some(l) = self.live.get(usize::from(index)) {
+            l.store(live, Ordering::SeqCst);
+        }
+    }
+
     fn publish(&self, ev: DeviceEvent) {
         if let Some(bus) = &self.events {
             bus.publish(ev);
@@ -177,6 +187,7 @@ impl Runtime {
         };
         // A stale doorbell from before the start must not count as a kick.
         kick.drain();
+        self.set_live(index, true);
         let notifier = Arc::new(QueueNotifier::new(self.irqs.clone(), index));
         let c = self.engine.queue_start(index, qc, notifier, kick.clone());
         match self.wait("queue_start", c) {
@@ -208,6 +219,7 @@ impl Runtime {
         if !self.started.get(i).copied().unwrap_or(false) {
             return;
         }
+        self.set_live(index, false);
         let c = self.engine.queue_stop(index);
         if let Err(e) = self.wait("queue_stop", c) {
             error!("{}: queue {index} stop failed: {e}", self.name);
@@ -231,6 +243,7 @@ impl Runtime {
             }
             // Queue counts were bounded by MAX_QUEUES at construction.
             let index = i as u16;
+            self.set_live(index, false);
             stops.push((index, self.engine.queue_stop(index)));
             self.started[i] = false;
             if let Some(qc) = self.counters.queue(index) {
@@ -266,7 +279,7 @@ impl Runtime {
             }
         });
         if p.stops.is_empty() {
-            self.finish_reset();
+            self.resetting = None;
             return None;
         }
         if p.since.elapsed() > self.timeout {
@@ -277,17 +290,10 @@ impl Runtime {
                 p.stops.len(),
                 self.timeout
             );
-            self.finish_reset();
+            self.resetting = None;
             return None;
         }
         Some(p.status)
-    }
-
-    /// The reset's queue stops are over. A ring error their queues reported meanwhile
-    /// belongs to the device instance the driver reset, not to the next one.
-    fn finish_reset(&mut self) {
-        self.resetting = None;
-        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     fn engine_memory(&mut self, mem: Arc<GuestMemory>) -> Completion {
@@ -495,19 +501,28 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             })?;
         let counters = Arc::new(TransportCounters::new(num_queues));
         let needs_reset = Arc::new(AtomicBool::new(false));
+        let live: Arc<[AtomicBool]> = (0..num_queues).map(|_| AtomicBool::new(false)).collect();
         let mut engine = dev.create_engine()?;
         {
-            let (flag, irqs, counters, n) = (
+            let (flag, live, irqs, counters, n) = (
                 needs_reset.clone(),
+                live.clone(),
                 irqs.clone(),
                 counters.clone(),
                 name.clone(),
             );
             engine.set_error_callback(Arc::new(move |q: u16, e: &QueueError| {
-                warn!("{n}: queue {q} stopped on a ring error: {e}");
                 if let Some(c) = counters.queue(q) {
                     inc(&c.errors);
                 }
+                if !live
+                    .get(usize::from(q))
+                    .is_some_and(|l| l.load(Ordering::SeqCst))
+                {
+                    debug!("{n}: queue {q} hit a ring error while stopping: {e}");
+                    return;
+                }
+                warn!("{n}: queue {q} stopped on a ring error: {e}");
                 raise_needs_reset(&flag, &irqs, &counters);
             }));
         }
@@ -518,6 +533,7 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             kicks,
             started: vec![false; usize::from(num_queues)],
             needs_reset,
+            live,
             counters,
             timeout: opts.engine_timeout,
             events: None,
@@ -634,13 +650,9 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
     }
 
     /// Fold a datapath DEVICE_NEEDS_RESET request into the status register.
-    /// Not while a reset is in progress or after it (status 0): DEVICE_NEEDS_RESET there
-    /// would come from queues of the reset instance, and a driver polling for status 0
-    /// (Linux `vp_reset`) would wait forever.
+    /// Never after a reset (status 0): a driver polling for 0 (Linux `vp_reset`) would
+    /// wait forever.
     fn sync_needs_reset(&mut self) {
-        if self.rt.resetting.is_some() {
-            return;
-        }
         if self.common.status() == 0 {
             self.rt.needs_reset.store(false, Ordering::SeqCst);
             return;
