@@ -24,5 +24,5 @@ pub mod transport;
 pub use device::{DeviceError, DeviceModel, DeviceState};
 pub use events::{DeviceEvent, EventBus};
 pub use manager::{DeviceManager, ManagerError};
-pub use memory::{Access, GuestMemory, MemError};
+pub use memory::{Access, GuestMemory, MemError, ShareableRegion};
 pub use transport::{InProc, VfioUserAdapter};

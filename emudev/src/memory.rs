@@ -76,6 +76,17 @@ impl GuestRegion {
     }
 }
 
+/// One region of [`GuestMemory::sharing_view`].
+#[derive(Debug, Clone, Copy)]
+pub struct ShareableRegion<'a> {
+    pub gpa: u64,
+    pub len: u64,
+    pub writable: bool,
+    /// The backing file and the offset of `gpa` in it; `None` when the region cannot be
+    /// shared by fd.
+    pub file: Option<(&'a std::fs::File, u64)>,
+}
+
 /// An immutable snapshot of guest memory.
 #[derive(Debug, Default)]
 pub struct GuestMemory {
@@ -200,6 +211,36 @@ impl GuestMemory {
             .all(|r| matches!(r.backing, Backing::Mapped { .. }) && !r.write_by_message)
     }
 
+    /// The snapshot as seen by another process that maps the same files (vhost-user
+    /// SET_MEM_TABLE): each region is either file-backed, with the file and the offset of
+    /// the region's start in it, or not shareable (fd-less message memory, anonymous maps).
+    /// Sorted by guest address. (Added for the vhost-user bridge, issue 10.)
+    pub fn sharing_view(&self) -> Vec<ShareableRegion<'_>> {
+        self.regions
+            .iter()
+            .map(|r| {
+                let file = match &r.backing {
+                    Backing::Mapped { mapping, offset } => {
+                        mapping.file_offset().and_then(|fo| {
+                            // `offset` fits the mapping (checked in the constructor).
+                            fo.start()
+                                .checked_add(*offset as u64)
+                                .map(|o| (fo.file(), o))
+                        })
+                    }
+                    Backing::Message => None,
+                };
+                ShareableRegion {
+                    gpa: r.start,
+                    len: r.len,
+                    writable: r.writable,
+                    file,
+                }
+            })
+            .collect()
+    }
+
+    #[inline(always)]
     fn find(&self, gpa: u64) -> Option<&GuestRegion> {
         let idx = self.regions.partition_point(|r| r.end() <= gpa);
         self.regions.get(idx).filter(|r| r.start <= gpa)
@@ -267,8 +308,53 @@ impl GuestMemory {
             .ok_or(MemError::Dma(DmaError::Disconnected))
     }
 
+    /// Host address of `[gpa, gpa+len)` when it lies inside one mapped region that allows
+    /// `access` through the mapping (`by_message_ok`: ignore `write_by_message`). `None` for
+    /// everything else, which the general path then handles (or refuses) in full: pieces,
+    /// message-backed memory, protection errors, out-of-range addresses.
+    #[inline(always)]
+    fn host_range(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
+        by_message_ok: bool,
+    ) -> Option<*mut u8> {
+        let end = gpa.checked_add(len as u64)?;
+        let r = self.find(gpa)?;
+        if end > r.end() {
+            return None;
+        }
+        let allowed = match access {
+            Access::Read => r.readable,
+            Access::Write => r.writable && (by_message_ok || !r.write_by_message),
+        };
+        match &r.backing {
+            Backing::Mapped { mapping, offset } if allowed => {
+                // `offset + r.len <= mapping.size()` (checked when the snapshot was built) and
+                // `gpa - r.start + len <= r.len` (checked above), so this stays in the mapping.
+                let at = offset + (gpa - r.start) as usize;
+                Some(mapping.as_ptr().wrapping_add(at))
+            }
+            _ => None,
+        }
+    }
+
     /// Copy guest memory at `gpa` into `buf`.
+    #[inline]
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        // Fast path: one mapped region (headers, small objects).
+        if let Some(src) = self.host_range(gpa, buf.len(), Access::Read, false) {
+            // SAFETY: `host_range` returned a pointer to `buf.len()` bytes inside a live
+            // mapping that this snapshot keeps alive (`&self`); `buf` is a distinct host buffer.
+            unsafe { copy_from_guest(src, buf) };
+            return Ok(());
+        }
+        self.read_slow(gpa, buf)
+    }
+
+    #[inline(never)]
+    fn read_slow(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         self.for_each_piece(gpa, buf.len(), Access::Read, |r, off, range| {
             let dst = &mut buf[range];
             match &r.backing {
@@ -283,7 +369,18 @@ impl GuestMemory {
     }
 
     /// Copy `data` into guest memory at `gpa`.
+    #[inline]
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        if let Some(dst) = self.host_range(gpa, data.len(), Access::Write, false) {
+            // SAFETY: as in `read`: `data.len()` bytes inside a live, writable mapping.
+            unsafe { copy_to_guest(dst, data) };
+            return Ok(());
+        }
+        self.write_slow(gpa, data)
+    }
+
+    #[inline(never)]
+    fn write_slow(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         self.for_each_piece(gpa, data.len(), Access::Write, |r, off, range| {
             let src = &data[range];
             match &r.backing {
@@ -304,7 +401,18 @@ impl GuestMemory {
     /// where device writes normally go by message for TCG's sake (`from_dma_messages_below`).
     /// Only for small fields that are never code, such as a virtio-blk status byte written
     /// after its data: it saves a DMA_WRITE round trip per request during firmware boot.
+    #[inline]
     pub fn write_not_code(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        if let Some(dst) = self.host_range(gpa, data.len(), Access::Write, true) {
+            // SAFETY: as in `write`.
+            unsafe { copy_to_guest(dst, data) };
+            return Ok(());
+        }
+        self.write_not_code_slow(gpa, data)
+    }
+
+    #[inline(never)]
+    fn write_not_code_slow(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         self.for_each_piece(gpa, data.len(), Access::Write, |r, off, range| {
             let src = &data[range];
             match &r.backing {
@@ -333,7 +441,23 @@ impl GuestMemory {
     /// A host view of `[gpa, gpa+len)`, which must lie inside one fd-backed region that allows
     /// `access`. This is the fast path: rings and data buffers are translated once, then
     /// accessed directly. Message-backed memory gives `NotMappable`; use `read`/`write`.
+    #[inline]
     pub fn slice(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
+    ) -> Result<VolatileSlice<'_>, MemError> {
+        if let Some(p) = self.host_range(gpa, len, access, false) {
+            // SAFETY: `host_range` checked that `len` bytes at `p` lie in one live mapping that
+            // allows `access`; the slice borrows `self`, which keeps the mapping alive.
+            return Ok(unsafe { VolatileSlice::new(p, len) });
+        }
+        self.slice_slow(gpa, len, access)
+    }
+
+    #[inline(never)]
+    fn slice_slow(
         &self,
         gpa: u64,
         len: usize,
@@ -372,6 +496,41 @@ impl GuestMemory {
         };
         self.for_each_piece(gpa, len, access, |_, _, _| Ok(()))
             .is_ok()
+    }
+}
+
+/// Copy guest bytes at `src` into `dst`, the way vm-memory does: short copies with volatile
+/// loads (the guest may write concurrently), longer ones with `memcpy`.
+///
+/// # Safety
+/// `src..src + dst.len()` must be readable memory of a live mapping, not overlapping `dst`.
+#[inline(always)]
+unsafe fn copy_from_guest(src: *const u8, dst: &mut [u8]) {
+    if dst.len() <= 8 {
+        for (i, b) in dst.iter_mut().enumerate() {
+            // SAFETY: `i < dst.len()`, inside the source range (caller's contract).
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+    } else {
+        // SAFETY: both ranges are valid for `dst.len()` bytes and disjoint (caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+    }
+}
+
+/// Copy `src` to guest bytes at `dst`; see [`copy_from_guest`].
+///
+/// # Safety
+/// `dst..dst + src.len()` must be writable memory of a live mapping, not overlapping `src`.
+#[inline(always)]
+unsafe fn copy_to_guest(dst: *mut u8, src: &[u8]) {
+    if src.len() <= 8 {
+        for (i, b) in src.iter().enumerate() {
+            // SAFETY: `i < src.len()`, inside the destination range (caller's contract).
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+    } else {
+        // SAFETY: both ranges are valid for `src.len()` bytes and disjoint (caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
     }
 }
 
@@ -606,6 +765,86 @@ mod tests {
         let mem = GuestMemory::from_dma_messages_below(&table, None, 0x2000);
         assert!(mem.all_mapped());
         assert_eq!(mem.region_count(), 1);
+    }
+
+    /// Accesses that fit in one region take the direct path; it must still honour message
+    /// backing, write-by-message, protection and the region's offset in its mapping.
+    #[test]
+    fn accesses_inside_one_region_keep_every_rule() {
+        use vm_memory::Bytes;
+        let a = anon(0x4000);
+        let port = Arc::new(FakePort {
+            mem: Mutex::new(vec![0; 0x9000]),
+            base: 0,
+            log: Mutex::new(Vec::new()),
+        });
+        let table = [
+            // Write-by-message below 0x2000, mapped at offset 0x1000 of `a`.
+            mapped(0x1000, 0x2000, RW, &a, 0x1000),
+            mapped(0x4000, 0x1000, dma_flags::READ, &a, 0),
+            DmaRegion {
+                iova: 0x8000,
+                size: 0x1000,
+                prot: RW,
+                mapping: None,
+                map_offset: 0,
+            },
+        ];
+        let mem =
+            GuestMemory::from_dma_messages_below(&table, Some(DmaPort::new(port.clone())), 0x2000);
+        let hdr: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        // Mapped, direct: lands at mapping offset 0x1000 + (0x2100 - 0x1000).
+        mem.write(0x2100, &hdr).unwrap();
+        let mut back = [0u8; 16];
+        a.get_slice(0x2100, 16).unwrap().copy_to(&mut back[..]);
+        assert_eq!(back, hdr);
+        let mut r = [0u8; 16];
+        mem.read(0x2100, &mut r).unwrap();
+        assert_eq!(r, hdr);
+        // 1 byte below the message limit: by message for `write`, direct for write_not_code.
+        mem.write(0x1800, &[0xaa]).unwrap();
+        assert_eq!(port.log.lock().unwrap().as_slice(), &[(true, 0x1800, 1)]);
+        assert_eq!(a.as_volatile_slice().read_obj::<u8>(0x1800).unwrap(), 0);
+        mem.write_not_code(0x1801, &[0xbb]).unwrap();
+        assert_eq!(a.as_volatile_slice().read_obj::<u8>(0x1801).unwrap(), 0xbb);
+        assert_eq!(port.log.lock().unwrap().len(), 1);
+        // Read-only: refused, nothing written, even for one byte.
+        assert!(matches!(
+            mem.write(0x4010, &[1]),
+            Err(MemError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            mem.write_not_code(0x4010, &[1]),
+            Err(MemError::ReadOnly { .. })
+        ));
+        assert_eq!(a.as_volatile_slice().read_obj::<u8>(0x10).unwrap(), 0);
+        // Message-backed: every access inside it goes to the port.
+        mem.write(0x8010, &hdr).unwrap();
+        mem.read(0x8010, &mut r).unwrap();
+        assert_eq!(r, hdr);
+        assert_eq!(
+            &port.log.lock().unwrap()[1..],
+            &[(true, 0x8010, 16), (false, 0x8010, 16)]
+        );
+        // slice() of the same kinds.
+        let vs = mem.slice(0x2100, 16, Access::Read).unwrap();
+        let mut via = [0u8; 16];
+        vs.copy_to(&mut via[..]);
+        assert_eq!(via, hdr);
+        assert!(matches!(
+            mem.slice(0x8010, 16, Access::Read),
+            Err(MemError::NotMappable { .. })
+        ));
+        assert!(matches!(
+            mem.slice(0x1800, 1, Access::Write),
+            Err(MemError::NotMappable { .. })
+        ));
+        // Ends exactly at a region end: fine; one byte more: unmapped (0x5000 has no map).
+        mem.read(0x5000 - 16, &mut r).unwrap();
+        assert!(matches!(
+            mem.read(0x5000 - 15, &mut r),
+            Err(MemError::Unmapped { .. })
+        ));
     }
 
     #[test]

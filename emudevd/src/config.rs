@@ -115,6 +115,24 @@ pub struct AvfSpec {
     pub queue_pairs: u16,
 }
 
+/// Which virtio device a vhost-user bridge presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VhostDevice {
+    /// virtio-blk, configuration from the backend (GET_CONFIG).
+    Blk,
+    /// virtio-fs with this mount tag and number of request queues.
+    Fs { tag: String, request_queues: u16 },
+}
+
+/// `engine=vhost-user`: the rings run in an external vhost-user backend at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostSpec {
+    pub device: VhostDevice,
+    /// The backend's vhost-user socket.
+    pub path: PathBuf,
+    pub queue_size: u16,
+}
+
 /// What kind of device, with its typed options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -124,6 +142,8 @@ pub enum DeviceKind {
     Avf(AvfSpec),
     /// The emudev test device (registers, DMA engine, doorbell page, MSI-X).
     TestDev,
+    /// A virtio device bridged to a vhost-user backend (`engine=vhost-user`).
+    VhostUser(VhostSpec),
 }
 
 impl DeviceKind {
@@ -133,6 +153,10 @@ impl DeviceKind {
             DeviceKind::VirtioNet(_) => "virtio-net",
             DeviceKind::Avf(_) => "avf",
             DeviceKind::TestDev => "testdev",
+            DeviceKind::VhostUser(v) => match v.device {
+                VhostDevice::Blk => "virtio-blk",
+                VhostDevice::Fs { .. } => "virtio-fs",
+            },
         }
     }
 }
@@ -167,7 +191,7 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 /// Device types this daemon serves, for messages and `--print-capabilities`.
-pub const KNOWN_TYPES: &str = "virtio-blk, virtio-net, avf, testdev";
+pub const KNOWN_TYPES: &str = "virtio-blk, virtio-fs, virtio-net, avf, testdev";
 
 struct Opts {
     index: usize,
@@ -281,6 +305,46 @@ fn nic_backend_and_mac(
     Ok((backend, mac))
 }
 
+/// `engine=vhost-user` options shared by the bridged types: `path=` (the backend socket) and
+/// `queue-size=`.
+fn vhost_common(o: &mut Opts, index: usize, kind: &str) -> Result<(PathBuf, u16), ConfigError> {
+    let path = o.take("path").ok_or(ConfigError::Missing {
+        index,
+        kind: kind.to_string(),
+        key: "path",
+    })?;
+    if path.is_empty() {
+        return Err(o.bad("path", "", "empty path"));
+    }
+    let queue_size: u16 = o.num("queue-size", 256u16, 2, 32768)?;
+    if !queue_size.is_power_of_two() {
+        return Err(o.bad(
+            "queue-size",
+            &queue_size.to_string(),
+            "must be a power of two",
+        ));
+    }
+    Ok((PathBuf::from(path), queue_size))
+}
+
+/// `engine=`: true for `vhost-user`, false for `builtin` (the default when `builtin_ok`).
+fn vhost_engine(o: &mut Opts, builtin_ok: bool) -> Result<bool, ConfigError> {
+    match o.take("engine").as_deref() {
+        None => Ok(!builtin_ok),
+        Some("vhost-user") => Ok(true),
+        Some("builtin") if builtin_ok => Ok(false),
+        Some(other) => Err(o.bad(
+            "engine",
+            other,
+            if builtin_ok {
+                "expected builtin or vhost-user"
+            } else {
+                "this type only runs with engine=vhost-user"
+            },
+        )),
+    }
+}
+
 /// Parse one `--device` argument.
 pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> {
     let mut parts = arg.split(',');
@@ -329,6 +393,45 @@ pub fn parse_device(index: usize, arg: &str) -> Result<DeviceSpec, ConfigError> 
         }
     }
     let kind = match kind.as_str() {
+        "virtio-blk" if vhost_engine(&mut o, true)? => {
+            let (path, queue_size) = vhost_common(&mut o, index, &kind)?;
+            o.finish(&["socket", "id", "engine", "path", "queue-size"])?;
+            DeviceKind::VhostUser(VhostSpec {
+                device: VhostDevice::Blk,
+                path,
+                queue_size,
+            })
+        }
+        "virtio-fs" => {
+            vhost_engine(&mut o, false)?;
+            let (path, queue_size) = vhost_common(&mut o, index, &kind)?;
+            let tag = o.take("tag").ok_or(ConfigError::Missing {
+                index,
+                kind: kind.clone(),
+                key: "tag",
+            })?;
+            if tag.is_empty() || tag.len() > 36 {
+                return Err(o.bad("tag", &tag, "1 to 36 bytes"));
+            }
+            let request_queues = o.num("num-request-queues", 1u16, 1, 64)?;
+            o.finish(&[
+                "socket",
+                "id",
+                "engine",
+                "path",
+                "tag",
+                "num-request-queues",
+                "queue-size",
+            ])?;
+            DeviceKind::VhostUser(VhostSpec {
+                device: VhostDevice::Fs {
+                    tag,
+                    request_queues,
+                },
+                path,
+                queue_size,
+            })
+        }
         "virtio-blk" => {
             const KNOWN: &[&str] = &[
                 "socket",
@@ -607,6 +710,59 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn vhost_user_engine_for_blk_and_fs() {
+        let d = parse_device(
+            0,
+            "virtio-blk,socket=s,engine=vhost-user,path=/run/qsd.sock",
+        )
+        .unwrap();
+        assert_eq!(d.kind.type_name(), "virtio-blk");
+        assert_eq!(
+            d.kind,
+            DeviceKind::VhostUser(VhostSpec {
+                device: VhostDevice::Blk,
+                path: PathBuf::from("/run/qsd.sock"),
+                queue_size: 256,
+            })
+        );
+        // The builtin engine is the default and can be named.
+        let b = parse_device(0, "virtio-blk,socket=s,engine=builtin,path=d").unwrap();
+        assert!(matches!(b.kind, DeviceKind::VirtioBlk(_)));
+        // Builtin-only options are refused with the bridge.
+        let e = parse_device(
+            0,
+            "virtio-blk,socket=s,engine=vhost-user,path=p,readonly=on",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown option 'readonly'"), "{e}");
+        assert!(parse_device(0, "virtio-blk,socket=s,engine=spdk,path=p").is_err());
+
+        let f = parse_device(
+            1,
+            "virtio-fs,socket=s,path=/run/vfs.sock,tag=share,queue-size=128",
+        )
+        .unwrap();
+        assert_eq!(f.name(), "virtio-fs1");
+        let DeviceKind::VhostUser(v) = f.kind else {
+            panic!("not vhost")
+        };
+        assert_eq!(
+            v.device,
+            VhostDevice::Fs {
+                tag: "share".into(),
+                request_queues: 1
+            }
+        );
+        assert_eq!(v.queue_size, 128);
+        let e = parse_device(0, "virtio-fs,socket=s,path=p").unwrap_err();
+        assert!(e.to_string().contains("missing option 'tag'"), "{e}");
+        let e = parse_device(0, "virtio-fs,socket=s,engine=builtin,path=p,tag=t").unwrap_err();
+        assert!(e.to_string().contains("engine=vhost-user"), "{e}");
+        let long = "x".repeat(37);
+        assert!(parse_device(0, &format!("virtio-fs,socket=s,path=p,tag={long}")).is_err());
     }
 
     #[test]

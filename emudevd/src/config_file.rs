@@ -178,4 +178,26 @@ ifname = "tap0"
         .unwrap();
         assert!(parse_devices(&c.devices).is_err());
     }
+
+    #[test]
+    fn vhost_user_devices_from_toml() {
+        let cfg = parse(
+            "t.toml",
+            r#"
+[[device]]
+type = "virtio-fs"
+socket = "/run/emudev/fs.sock"
+engine = "vhost-user"
+path = "/run/virtiofsd.sock"
+tag = "share"
+"#,
+        )
+        .unwrap();
+        let specs = crate::config::parse_devices(&cfg.devices).unwrap();
+        let DeviceKind::VhostUser(v) = &specs[0].kind else {
+            panic!("not vhost-user")
+        };
+        assert_eq!(v.path, PathBuf::from("/run/virtiofsd.sock"));
+        assert_eq!(specs[0].kind.type_name(), "virtio-fs");
+    }
 }

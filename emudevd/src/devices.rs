@@ -25,7 +25,9 @@ use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
 use emudev_virtio::pci::VirtioPciDevice;
 use emudev_virtio::poller::PollerPool;
 
-use crate::config::{self, BlkBackendSpec, BlkSpec, ConfigError, DeviceKind, DeviceSpec};
+use crate::config::{
+    self, BlkBackendSpec, BlkSpec, ConfigError, DeviceKind, DeviceSpec, VhostDevice, VhostSpec,
+};
 use crate::sockets::{self, SocketError};
 
 /// Why a device could not be added, removed or changed. Every message names the device.
@@ -90,6 +92,9 @@ enum Typed {
     Net(Arc<Mutex<VirtioPciDevice<emudev_net::VirtioNetDevice>>>),
     Avf,
     TestDev,
+    /// Bridged to a vhost-user backend: transport and connection counters (the backend
+    /// keeps its own request statistics).
+    Vhost(Arc<Mutex<VirtioPciDevice<emudev_vhost::VhostUserDevice>>>),
 }
 
 struct Served {
@@ -321,6 +326,17 @@ impl Registry {
                 let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Avf, None, run)
             }
+            DeviceKind::VhostUser(v) => {
+                let dev = vhost_user(&name, v).map_err(build)?;
+                let adapter = VfioUserAdapter::new(dev);
+                let shared = adapter.device().clone();
+                let st = adapter.state_cell().clone();
+                let server = Server::from_listener(listener, adapter, ServerOptions::default())
+                    .map_err(|e| build(e.to_string()))?;
+                let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
+                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
+                (model, Typed::Vhost(shared), None, run)
+            }
             DeviceKind::VirtioBlk(b) => {
                 let (dev, backend) = virtio_blk(&name, b, &self.pool).map_err(build)?;
                 let mut adapter = VfioUserAdapter::new(dev);
@@ -463,6 +479,7 @@ impl Registry {
                     Typed::Net(d) => (Vec::new(), lock(d).device().named_stats()),
                     Typed::Avf => (Vec::new(), Vec::new()),
                     Typed::TestDev => (Vec::new(), testdev_stats(&p.model)),
+                    Typed::Vhost(d) => vhost_stats(d),
                 };
                 DeviceStat {
                     name: p.name,
@@ -539,6 +556,39 @@ fn blk_stats(
         ("unsupported", b.unsupported),
         ("malformed", b.malformed),
         ("bounced", b.bounced),
+    ];
+    (queues, counters)
+}
+
+fn vhost_stats(
+    d: &Mutex<VirtioPciDevice<emudev_vhost::VhostUserDevice>>,
+) -> (Vec<QueueStat>, Vec<(&'static str, u64)>) {
+    let d = lock(d);
+    let t = d.stats();
+    let queues = t
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| QueueStat {
+            index: u16::try_from(i).unwrap_or(u16::MAX),
+            errors: q.errors,
+            kicks: q.kicks,
+            interrupts: q.interrupts,
+            ..QueueStat::default()
+        })
+        .collect();
+    let b = d.device().backend();
+    let (disconnects, reconnects) = b.connection_counts();
+    let counters = vec![
+        ("bar_reads", t.bar_reads),
+        ("bar_writes", t.bar_writes),
+        ("resets", t.resets),
+        ("needs_reset", t.needs_reset),
+        ("engine_timeouts", t.engine_timeouts),
+        ("config_interrupts", t.config_interrupts),
+        ("vhost_connected", u64::from(b.connected())),
+        ("vhost_disconnects", disconnects),
+        ("vhost_reconnects", reconnects),
     ];
     (queues, counters)
 }
@@ -624,4 +674,57 @@ fn virtio_blk(
         VirtioBlkDevice::new(backend.clone(), opts, pool.clone()).map_err(|e| e.to_string())?;
     let pci = VirtioPciDevice::new(name, dev).map_err(|e| e.to_string())?;
     Ok((pci, backend))
+}
+
+/// A virtio device whose rings the vhost-user backend at `v.path` runs; fails when the
+/// backend is not there.
+fn vhost_user(
+    name: &str,
+    v: &VhostSpec,
+) -> Result<VirtioPciDevice<emudev_vhost::VhostUserDevice>, String> {
+    let kind = match &v.device {
+        VhostDevice::Blk => emudev_vhost::VhostKind::Blk,
+        VhostDevice::Fs {
+            tag,
+            request_queues,
+        } => emudev_vhost::VhostKind::Fs {
+            tag: tag.clone(),
+            request_queues: *request_queues,
+        },
+    };
+    let opts = emudev_vhost::VhostDeviceOptions {
+        kind,
+        queue_size: v.queue_size,
+        backend: emudev_vhost::BackendOptions::default(),
+    };
+    let dev = emudev_vhost::VhostUserDevice::connect(name, &v.path, opts)
+        .map_err(|e| format!("vhost-user backend {}: {e}", v.path.display()))?;
+    VirtioPciDevice::new(name, dev).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vhost_user_device_without_its_backend_fails_naming_the_socket_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("emudevd-vhost-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let reg = Registry::new(1, None, 0).unwrap();
+        let sock = dir.join("dev.sock");
+        let spec = format!(
+            "virtio-blk,id=vb,socket={},engine=vhost-user,path={}/absent.sock",
+            sock.display(),
+            dir.display()
+        );
+        let e = reg.add_spec(&spec).unwrap_err().to_string();
+        assert!(
+            e.starts_with("device vb (virtio-blk): vhost-user backend"),
+            "{e}"
+        );
+        assert!(e.contains("absent.sock"), "{e}");
+        assert!(reg.is_empty());
+        assert!(!sock.exists(), "the failed device's socket was removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -24,6 +24,10 @@ Options:
                                      [,num-queues=N][,queue-size=N][,serial=STR]
                                      [,tcg-boot=on]  (firmware boot under QEMU TCG)
                            virtio-blk,socket=PATH,backend=null[,size=1G]
+                           virtio-blk,socket=PATH,engine=vhost-user,path=BACKEND_SOCK
+                                     [,queue-size=N]  (rings run by a vhost-user backend)
+                           virtio-fs,socket=PATH,path=VIRTIOFSD_SOCK,tag=TAG
+                                     [,num-request-queues=N][,queue-size=N]
                            virtio-net,socket=PATH[,backend=switch][,switch=NAME]
                                      | backend=tap,ifname=TAP [,mac=52:54:00:..]
                                      [,queue-pairs=N][,queue-size=N][,mtu=N][,offloads=off]
@@ -148,10 +152,16 @@ fn capabilities() -> serde_json::Value {
         "devices": {
             "virtio-blk": {
                 "options": ["socket", "id", "path", "backend", "size", "readonly", "direct",
-                            "num-queues", "queue-size", "serial", "tcg-boot"],
+                            "num-queues", "queue-size", "serial", "tcg-boot", "engine"],
+                "engines": ["builtin", "vhost-user"],
                 "features": ["seg-max", "size-max", "blk-size", "flush", "mq", "get-id",
                              "discard", "write-zeroes", "ro", "packed-ring", "event-idx",
                              "indirect-desc", "ring-reset"]
+            },
+            "virtio-fs": {
+                "options": ["socket", "id", "engine", "path", "tag", "num-request-queues",
+                            "queue-size"],
+                "engines": ["vhost-user"]
             },
             "virtio-net": {
                 "options": ["socket", "id", "backend", "ifname", "switch", "mac", "queue-pairs",

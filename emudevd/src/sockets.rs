@@ -82,18 +82,45 @@ pub fn prepare_path(path: &Path) -> Result<(), SocketError> {
 }
 
 /// Bind a listening socket at `path`, mode 0600, or 0660 with `group` as its group.
+///
+/// The mode is set on the socket before `bind` (Linux creates the file with the socket
+/// inode's mode masked by the umask), so the file is private from its first instant without
+/// touching the process-wide umask, which other threads' file creation would see.
 pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, SocketError> {
+    use nix::sys::socket::{self as sock, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::stat::Mode;
+    use std::os::fd::AsRawFd;
+
     prepare_path(path)?;
-    // Create it private from the first instant: umask covers the window before chmod.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let r = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = r.map_err(io_err(path, "bind"))?;
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| io_err(path, "chown")(e.into()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    let errno = |op: &'static str| move |e: nix::errno::Errno| io_err(path, op)(e.into());
+    let addr = UnixAddr::new(path).map_err(errno("address"))?;
+    let fd = sock::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(errno("socket"))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
+        .map_err(errno("fchmod"))?;
+    sock::bind(fd.as_raw_fd(), &addr).map_err(errno("bind"))?;
+    let listener = UnixListener::from(fd);
+    let finish = || -> Result<(), SocketError> {
+        sock::listen(&listener, Backlog::MAXCONN).map_err(errno("listen"))?;
+        // The exact mode: the umask may have taken the group bits, which we give back (never
+        // more than the mode set before bind).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(io_err(path, "chmod"))?;
+        if let Some(gid) = group {
+            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+                .map_err(errno("chown"))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
     }
     Ok(listener)
 }
@@ -143,6 +170,24 @@ mod tests {
         drop(l);
         // Now stale: replaced.
         let _l2 = bind(&p, None).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn bind_leaves_the_umask_alone_and_honours_a_group() {
+        let before = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let p = tmp("group");
+        let gid = nix::unistd::getgid().as_raw();
+        let l = bind(&p, Some(gid)).unwrap();
+        // umask 022 would have dropped the group write bit: it was given back.
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o660);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&md), gid);
+        let after = nix::sys::stat::umask(before);
+        assert_eq!(after.bits(), 0o022, "bind changed the process umask");
+        // It listens.
+        UnixStream::connect(&p).unwrap();
+        drop(l);
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -156,3 +156,47 @@ fn hot_add_and_remove_do_not_disturb_io_on_another_device() {
     assert_eq!(v["return"].as_array().unwrap().len(), 1, "{v}");
     assert!(daemon.stop().success(), "log:\n{}", daemon.log());
 }
+
+#[test]
+fn two_nics_pass_frames_through_the_switch_and_the_daemon_counts_them() {
+    let d = TempDir::new("demo-net");
+    let argv = vec![
+        "--device".into(),
+        format!("virtio-net,id=n0,socket={}", d.s("n0.sock")),
+        "--device".into(),
+        format!("virtio-net,id=n1,socket={}", d.s("n1.sock")),
+        "--device".into(),
+        format!("avf,id=vf0,socket={}", d.s("vf0.sock")),
+        "--control".into(),
+        d.s("ctl.sock"),
+    ];
+    let mut daemon = Daemon::spawn(&d, &argv);
+    wait_listening(&mut daemon, &d.path("ctl.sock"));
+    let opts = demo::net::NetOptions {
+        frames: 500,
+        frame_len: 300,
+        window: 16,
+        verbose: false,
+    };
+    let r = demo::net::run(&d.path("n0.sock"), &d.path("n1.sock"), &opts)
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));
+    assert_eq!((r.a_to_b.received, r.b_to_a.received), (500, 500));
+    assert_ne!(r.mac_a, r.mac_b);
+
+    // The daemon counted the same frames: 500 each way plus one "hello" each way.
+    let mut ctl = Ctl::connect(&d.path("ctl.sock"));
+    let v = ctl.call(json!({"execute": "query-stats"}));
+    for n in ["n0", "n1"] {
+        let dev = v["return"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap_or_else(|| panic!("{n} missing: {v}"));
+        assert_eq!(dev["counters"]["tx_frames"], 501, "{v}");
+        assert_eq!(dev["counters"]["rx_frames"], 501, "{v}");
+        assert_eq!(dev["counters"]["tx_bytes"], 501 * 300, "{v}");
+    }
+    drop(ctl);
+    assert!(daemon.stop().success(), "log:\n{}", daemon.log());
+}

@@ -30,3 +30,58 @@ guest() {
     "$RUN_GUEST" --script "$script" --timeout "${GUEST_TIMEOUT:-240}" \
         --log "$GUEST_LOGS/$CASE.console.log" "$@"
 }
+
+# qmp SOCKET JSON [EVENT[:DEVICE] [SECS]] : one QMP command on a QEMU `-qmp unix:SOCKET,server=on,
+# wait=off` monitor; prints the reply and fails on an error reply. With EVENT, then waits up
+# to SECS (default 120) for that event (for DEVICE, with data.device == DEVICE).
+qmp() {
+    python3 - "$@" <<'PY'
+import json, socket, sys, time
+path, cmd = sys.argv[1], json.loads(sys.argv[2])
+want = sys.argv[3] if len(sys.argv) > 3 else None
+secs = float(sys.argv[4]) if len(sys.argv) > 4 else 120.0
+deadline = time.time() + secs
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        break
+    except OSError as e:
+        if time.time() > deadline:
+            sys.exit(f"qmp: cannot connect to {path}: {e}")
+        time.sleep(0.2)
+f = s.makefile("rw")
+events = []
+def recv():
+    s.settimeout(max(0.1, deadline - time.time()))
+    try:
+        line = f.readline()
+    except socket.timeout:
+        sys.exit(f"qmp: timed out; events seen: {events}")
+    if not line:
+        sys.exit("qmp: QEMU closed the monitor")
+    m = json.loads(line)
+    if "event" in m:
+        events.append(m)
+    return m
+def call(c):
+    f.write(json.dumps(c) + "\n"); f.flush()
+    while True:
+        m = recv()
+        if "return" in m or "error" in m:
+            return m
+recv()  # greeting
+call({"execute": "qmp_capabilities"})
+r = call(cmd)
+print(json.dumps(r))
+if "error" in r:
+    sys.exit(1)
+if want:
+    name, _, dev = want.partition(":")
+    def match(e):
+        return e["event"] == name and (not dev or e.get("data", {}).get("device") == dev)
+    while not any(match(e) for e in events):
+        recv()
+    print(f"qmp: event {want}")
+PY
+}

@@ -132,6 +132,8 @@ pub struct Core {
     pub reset_after_drain: bool,
     /// ARQ messages delivered since creation.
     pub delivered: u64,
+    /// Received frames the MAC filter refused.
+    pub rx_filtered: u64,
 }
 
 /// Worker control.
@@ -141,7 +143,13 @@ struct WorkCtl {
     kick: bool,
     paused: bool,
     busy: bool,
+    /// The pass in flight reaches memory only through mappings (never waits on DMA
+    /// messages), so the control thread may wait for it.
+    pass_mapped: bool,
     shutdown: bool,
+    /// A VF reset due at this time unless the epoch moved on (REQUEST_QUEUES granted: the
+    /// VF first gets a moment to read RESET_IMPENDING, §6.3).
+    reset_at: Option<(Instant, u64)>,
 }
 
 /// Everything the control thread and the worker share.
@@ -168,6 +176,10 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// How long quiesce waits for a pass in flight.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Delay between RESET_IMPENDING reaching the ARQ and the reset it announces.
+pub const RESET_IMPENDING_GRACE: Duration = Duration::from_millis(10);
+/// How long a head-register read waits for the worker ([`Shared::settle`]).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub fn new(vf: VfState, irqs: Irqs) -> std::io::Result<Self> {
@@ -178,6 +190,7 @@ impl Shared {
                 outbox: VecDeque::new(),
                 reset_after_drain: false,
                 delivered: 0,
+                rx_filtered: 0,
             }),
             irqs,
             epoch: AtomicU64::new(0),
@@ -186,7 +199,9 @@ impl Shared {
                 kick: false,
                 paused: false,
                 busy: false,
+                pass_mapped: true,
                 shutdown: false,
+                reset_at: None,
             }),
             cv: Condvar::new(),
             dp_pass: Mutex::new(()),
@@ -261,6 +276,34 @@ impl Shared {
         true
     }
 
+    /// Wait (bounded by [`SETTLE_TIMEOUT`]) until the worker has no pass pending or in
+    /// flight, so that a register read following a doorbell sees its effect, as on hardware
+    /// that completes the ATQ before the next read. The Linux driver checks `ATQH` about
+    /// 30 ms after the VERSION doorbell and polls the ARQ head; a worker delayed by host load
+    /// made it log "Admin queue command never completed" and restart init. Skipped when
+    /// memory is reached by messages (a pass may wait on DMA replies the caller routes:
+    /// neither the current snapshot nor the pass in flight may use them) and while the
+    /// worker is paused. Returns false if it did not settle.
+    pub fn settle(&self) -> bool {
+        let mut w = lock(&self.work);
+        if !w.mem.all_mapped() {
+            return false;
+        }
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while (w.kick || w.busy) && !w.paused && !w.shutdown {
+            let now = Instant::now();
+            if now >= deadline || (w.busy && !w.pass_mapped) {
+                return false;
+            }
+            w = self
+                .cv
+                .wait_timeout(w, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
     pub fn resume(&self) {
         let mut w = lock(&self.work);
         w.paused = false;
@@ -325,22 +368,56 @@ impl Shared {
     }
 }
 
-/// The worker thread body.
+/// The worker thread body: a pass per kick, and the deferred reset when it is due.
 pub fn worker_loop(shared: &Shared) {
     loop {
-        let mem = {
+        let (mem, reset) = {
             let mut w = lock(&shared.work);
-            while !w.shutdown && (!w.kick || w.paused) {
+            let reset = loop {
+                if w.shutdown {
+                    return;
+                }
+                if !w.paused {
+                    let now = Instant::now();
+                    if let Some((at, epoch)) = w.reset_at {
+                        if now >= at {
+                            w.reset_at = None;
+                            break Some(epoch);
+                        }
+                    }
+                    if w.kick {
+                        break None;
+                    }
+                    if let Some((at, _)) = w.reset_at {
+                        w = shared
+                            .cv
+                            .wait_timeout(w, at - now)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                        continue;
+                    }
+                }
                 w = shared.cv.wait(w).unwrap_or_else(PoisonError::into_inner);
+            };
+            if reset.is_none() {
+                w.kick = false;
             }
-            if w.shutdown {
-                return;
-            }
-            w.kick = false;
             w.busy = true;
-            w.mem.clone()
+            w.pass_mapped = w.mem.all_mapped();
+            (w.mem.clone(), reset)
         };
-        let again = run_pass(shared, &mem);
+        let again = match reset {
+            Some(epoch) => {
+                let mut core = shared.core();
+                if shared.epoch.load(Ordering::Acquire) == epoch {
+                    shared.vf_reset(&mut core, false);
+                }
+                drop(core);
+                shared.fence_datapath();
+                false
+            }
+            None => run_pass(shared, &mem),
+        };
         let mut w = lock(&shared.work);
         w.busy = false;
         w.kick |= again;
@@ -368,12 +445,10 @@ pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
         }
     };
     if drained_reset {
-        // §6.3: give the VF a moment to see RESET_IMPENDING before the reset.
-        std::thread::sleep(Duration::from_millis(10));
-        let mut core = shared.core();
-        shared.vf_reset(&mut core, false);
-        drop(core);
-        shared.fence_datapath();
+        // §6.3: give the VF a moment to see RESET_IMPENDING before the reset. Deferred to
+        // the worker loop so that head reads ([`Shared::settle`]) do not wait for it.
+        let due = Instant::now() + RESET_IMPENDING_GRACE;
+        lock(&shared.work).reset_at = Some((due, shared.epoch.load(Ordering::Acquire)));
     }
     more
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use emudev::GuestMemory;
+use emudev_netback::hdr::F_DATA_VALID;
 use emudev_netback::{NetBackend, NetRx, NetTx, RxVerdict, TxBurst, MAX_FRAME_LEN, VNET_HDR_LEN};
 use zerocopy::IntoBytes;
 
@@ -20,6 +21,7 @@ use crate::adminq::{lock, Shared};
 use crate::desc::{self, decode_tx, offload_header, owned, tx_cmd, RxWriteback, TxContext, TxDesc};
 use crate::pf::{QueuePair, RxRing, TxRing};
 use crate::regs;
+use crate::rx::{self, Rss, RxInfo, RxPolicy};
 use crate::virtchnl::EthStats;
 
 /// Most data descriptors one TX packet may use.
@@ -42,6 +44,8 @@ pub struct Counters {
     pub tx_multicast: u64,
     pub tx_broadcast: u64,
     pub tx_errors: u64,
+    /// Frames refused by the MAC filter (not a guest-visible counter).
+    pub rx_filtered: u64,
 }
 
 impl Counters {
@@ -145,11 +149,13 @@ impl Poller {
         let Some(mem) = self.shared.dp_memory() else {
             return false;
         };
-        let (epoch, queues) = {
+        let (epoch, queues, policy) = {
             let core = self.shared.core();
+            let policy = RxPolicy::from_vf(&core.vf, || regs_rss(&self.shared.regs));
             (
                 self.shared.epoch.load(Ordering::Acquire),
                 core.vf.queues.clone(),
+                policy,
             )
         };
         self.steer(&queues);
@@ -159,7 +165,6 @@ impl Poller {
         let mut busy = false;
         for (q, qp) in queues.iter().enumerate() {
             let mut tx_head = None;
-            let mut rx_head = None;
             if let (true, Some(ring)) = (qp.tx_enabled, qp.tx) {
                 if let Some((h, raised)) = self.tx_queue(&mem, q, qp, ring, &mut counters) {
                     busy |= h != qp.tx_head;
@@ -169,16 +174,18 @@ impl Poller {
                     }
                 }
             }
-            if let (true, Some(ring)) = (qp.rx_enabled, qp.rx) {
-                if let Some(h) = self.rx_queue(&mem, q, qp, ring, &mut counters) {
-                    if h != qp.rx_head {
-                        busy = true;
-                        vectors.extend(qp.rx_vector);
-                    }
-                    rx_head = Some(h);
+            heads.push((q, tx_head, None));
+        }
+        let rx_heads = self.rx_all(&mem, &queues, &policy, &mut counters);
+        for ((q, _, rx), new) in heads.iter_mut().zip(rx_heads) {
+            let Some(h) = new else { continue };
+            if let Some(qp) = queues.get(*q) {
+                if h != qp.rx_head {
+                    busy = true;
+                    vectors.extend(qp.rx_vector);
                 }
             }
-            heads.push((q, tx_head, rx_head));
+            *rx = Some(h);
         }
         {
             let mut core = self.shared.core();
@@ -197,6 +204,7 @@ impl Poller {
                 }
             }
             counters.add_to(&mut core.vf.stats);
+            core.rx_filtered = core.rx_filtered.wrapping_add(counters.rx_filtered);
         }
         vectors.sort_unstable();
         vectors.dedup();
@@ -362,56 +370,105 @@ impl Poller {
         }
     }
 
-    /// Fill RX buffers `[head, tail)` from the backend. Returns the new head; `None` if the
-    /// tail is out of range or there is no backend.
-    fn rx_queue(
+    /// Receive from the backend into the guest's RX rings. Backend queue `b` is polled while
+    /// guest queue `b` can receive (the backend spreads flows over the active pairs); each
+    /// accepted frame goes to the queue RSS picks from its hash and the LUT, or to `b` when
+    /// that queue cannot receive. Returns the new RX head of every ready queue.
+    fn rx_all(
         &mut self,
         mem: &GuestMemory,
-        q: usize,
-        qp: &QueuePair,
-        ring: RxRing,
+        queues: &[QueuePair],
+        policy: &RxPolicy,
         c: &mut Counters,
-    ) -> Option<u16> {
-        let tail = (self.shared.regs.get(regs::QRX_TAIL + 4 * q as u64) & 0xFFFF) as u16;
-        owned(qp.rx_head, tail, ring.len)?;
-        let io = self.io.get_mut(q)?;
-        if io.rx.is_none() {
-            match self.backend.as_ref()?.rx(q as u16) {
-                Ok(r) => io.rx = Some(r),
-                Err(e) => {
-                    log::warn!("avf: RX queue {q}: {e}");
-                    return None;
-                }
-            }
-        }
-        let rx = io.rx.as_mut()?;
-        let mut h = qp.rx_head;
-        let mut sink = |frame: &[u8]| -> RxVerdict {
-            let Some(data) = frame.get(VNET_HDR_LEN..) else {
-                return RxVerdict::Taken;
-            };
-            match rx_frame(mem, ring, h, tail, data) {
-                RxResult::Delivered(nh) => {
-                    h = nh;
-                    c.rx_bytes += data.len() as u64;
-                    match classify(data) {
-                        0 => c.rx_unicast += 1,
-                        1 => c.rx_multicast += 1,
-                        _ => c.rx_broadcast += 1,
-                    }
-                    RxVerdict::Taken
-                }
-                RxResult::NoRoom => RxVerdict::NoRoom,
-                RxResult::Dropped => {
-                    c.rx_discards += 1;
-                    RxVerdict::Taken
-                }
-            }
+    ) -> Vec<Option<u16>> {
+        // (ring, head, tail) of the queues that can receive now.
+        let mut rings: Vec<Option<(RxRing, u16, u16)>> = queues
+            .iter()
+            .enumerate()
+            .map(|(q, qp)| {
+                let ring = qp.rx.filter(|_| qp.rx_enabled)?;
+                let tail = (self.shared.regs.get(regs::QRX_TAIL + 4 * q as u64) & 0xFFFF) as u16;
+                owned(qp.rx_head, tail, ring.len)?;
+                Some((ring, qp.rx_head, tail))
+            })
+            .collect();
+        let Some(backend) = self.backend.clone() else {
+            return rings.iter().map(|r| r.map(|(_, h, _)| h)).collect();
         };
-        if let Err(e) = rx.recv_burst(RX_BURST, &mut sink) {
-            log::debug!("avf: RX queue {q}: {e}");
+        for b in 0..rings.len() {
+            if rings[b].is_none() {
+                continue;
+            }
+            let Some(io) = self.io.get_mut(b) else {
+                continue;
+            };
+            if io.rx.is_none() {
+                match backend.rx(b as u16) {
+                    Ok(r) => io.rx = Some(r),
+                    Err(e) => {
+                        log::warn!("avf: RX queue {b}: {e}");
+                        continue;
+                    }
+                }
+            }
+            let Some(rx) = io.rx.as_mut() else { continue };
+            let mut sink = |frame: &[u8]| -> RxVerdict {
+                let Some(data) = frame.get(VNET_HDR_LEN..) else {
+                    return RxVerdict::Taken;
+                };
+                if !policy.accepts(data) {
+                    c.rx_filtered += 1;
+                    return RxVerdict::Taken;
+                }
+                let valid = frame.first().is_some_and(|f| f & F_DATA_VALID != 0);
+                let info = rx::classify(data, valid, policy);
+                let t = info
+                    .hash
+                    .and_then(|h| policy.queue_for(h))
+                    .map(usize::from)
+                    .filter(|&t| rings.get(t).is_some_and(Option::is_some))
+                    .unwrap_or(b);
+                let Some(Some((ring, head, tail))) = rings.get_mut(t) else {
+                    return RxVerdict::Taken;
+                };
+                match rx_frame(mem, *ring, *head, *tail, data, &info) {
+                    RxResult::Delivered(nh) => {
+                        *head = nh;
+                        c.rx_bytes += data.len() as u64;
+                        match classify(data) {
+                            0 => c.rx_unicast += 1,
+                            1 => c.rx_multicast += 1,
+                            _ => c.rx_broadcast += 1,
+                        }
+                        RxVerdict::Taken
+                    }
+                    RxResult::NoRoom => RxVerdict::NoRoom,
+                    RxResult::Dropped => {
+                        c.rx_discards += 1;
+                        RxVerdict::Taken
+                    }
+                }
+            };
+            if let Err(e) = rx.recv_burst(RX_BURST, &mut sink) {
+                log::debug!("avf: RX queue {b}: {e}");
+            }
         }
-        Some(h)
+        rings.iter().map(|r| r.map(|(_, h, _)| h)).collect()
+    }
+}
+
+/// RSS parameters from the BAR0 registers (RSS_REG mode: the VF did not negotiate RSS_PF).
+fn regs_rss(r: &crate::adminq::RegFile) -> Rss {
+    let bytes = |base: u64, dwords: u64| -> Vec<u8> {
+        (0..dwords)
+            .flat_map(|i| r.get(base + 4 * i).to_le_bytes())
+            .collect()
+    };
+    let hena = u64::from(r.get(regs::VFQF_HENA)) | (u64::from(r.get(regs::VFQF_HENA + 4)) << 32);
+    Rss {
+        key: bytes(regs::VFQF_HKEY, 13),
+        lut: bytes(regs::VFQF_HLUT, 16),
+        hena,
     }
 }
 
@@ -428,7 +485,15 @@ pub enum RxResult {
 
 /// Write `data` into the RX descriptors starting at `head` (device owns `[head, tail)`):
 /// data first, then write-backs in order, the last with EOF, each qword1 after a fence.
-pub fn rx_frame(mem: &GuestMemory, ring: RxRing, head: u16, tail: u16, data: &[u8]) -> RxResult {
+/// `info` (packet type, checksum status, hash) goes on the EOF descriptor only.
+pub fn rx_frame(
+    mem: &GuestMemory,
+    ring: RxRing,
+    head: u16,
+    tail: u16,
+    data: &[u8],
+    info: &RxInfo,
+) -> RxResult {
     let len = data.len();
     let buf = ring.buf_size as usize;
     if len == 0 || len > ring.max_pkt as usize || buf == 0 {
@@ -459,8 +524,9 @@ pub fn rx_frame(mem: &GuestMemory, ring: RxRing, head: u16, tail: u16, data: &[u
         let wb = RxWriteback {
             len: *n as u16,
             eof,
-            ptype: 0,
-            ..RxWriteback::default()
+            ptype: info.ptype,
+            flags: info.flags,
+            hash: info.hash.unwrap_or(0),
         }
         .encode();
         let gpa = desc_gpa(i);

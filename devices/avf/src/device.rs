@@ -159,6 +159,11 @@ impl AvfDevice {
         match off {
             regs::VFINT_ICR01 => self.shared.regs.take(off),
             regs::VFINT_ICR0_ENA1 => self.shared.irqs.icr0_ena(),
+            regs::VF_ATQH | regs::VF_ARQH => {
+                // The driver's completion checks: let the worker catch up with doorbells.
+                self.shared.settle();
+                self.shared.regs.get(off)
+            }
             _ => self.shared.regs.get(off),
         }
     }
@@ -187,7 +192,9 @@ impl AvfDevice {
                 if let Some(vector) = regs::dyn_ctl_vector(off) {
                     self.shared.irqs.dyn_ctl(vector, v);
                 } else if regs::tx_tail_queue(off).is_some() || regs::rx_tail_queue(off).is_some() {
-                    // Latched; the datapath (not yet written) picks tails up from here.
+                    // Latched here; wake the poller so it does not wait out its idle sleep
+                    // (that made every TX doorbell after an idle spell cost up to 20 ms).
+                    self.shared.kick_datapath();
                 }
             }
         }
@@ -317,6 +324,7 @@ impl DeviceModel for AvfDevice {
                 ))
             }
             "caps" => Some(format!("{:#x}", core.vf.caps)),
+            "rx_filtered" => Some(core.rx_filtered.to_string()),
             _ => None,
         }
     }

@@ -9,6 +9,7 @@
 //! - [`adminq`]: the admin-queue engine (ATQ consumer, ARQ producer) on a worker thread.
 //! - [`irq`]: the per-vector interrupt model (auto-mask, INTENA re-arm, SWINT_TRIG).
 //! - [`desc`]: TX/RX descriptor decode/encode and TX offloads as a vnet header.
+//! - [`rx`]: receive policy: MAC filter, packet type, checksum status, RSS.
 //! - [`datapath`]: the TX/RX poller on the netback backend.
 //! - [`device`]: the [`emudev::DeviceModel`] tying them to the PCI function.
 //!
@@ -20,6 +21,7 @@ pub mod device;
 pub mod irq;
 pub mod pf;
 pub mod regs;
+pub mod rx;
 pub mod virtchnl;
 
 pub use device::{AvfDevice, AvfError};

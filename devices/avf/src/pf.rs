@@ -495,6 +495,11 @@ impl VfState {
         } else {
             self.mac_filters
                 .retain(|m| !list.iter().any(|e| e.addr == *m));
+            // The primary goes too (Linux deletes every filter at ifdown); a new primary
+            // arrives with ADD_ETH_ADDR.
+            if list.iter().any(|e| e.addr == self.primary_mac) {
+                self.primary_mac = [0; 6];
+            }
         }
         status::SUCCESS
     }

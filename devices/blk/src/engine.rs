@@ -17,13 +17,13 @@ use std::sync::Arc;
 
 use emudev::{Access, GuestMemory, MemError};
 use vm_memory::VolatileSlice;
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::backend::{AlignedBuf, BackendError, BlockBackend};
 use crate::config::{feature, BlkConfig, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::request::{
     read_header, req_type, segs_len, split_status, status, Malformed, SegCursor, Segment,
-    VirtioBlkDiscardWriteZeroes, DWZ_FLAG_UNMAP, DWZ_LEN,
+    VirtioBlkDiscardWriteZeroes, VirtioBlkOutHdr, DWZ_FLAG_UNMAP, DWZ_LEN, OUTHDR_LEN,
 };
 
 /// Bounce buffer size for message-backed memory; larger transfers go in pieces.
@@ -284,38 +284,62 @@ impl BlkEngine {
         readable: &[Segment],
         writable: &[Segment],
     ) -> Result<Completion, Malformed> {
+        // The layout every driver we know uses: the header in a descriptor of its own and the
+        // status byte in a descriptor of its own. The data are then the segments in between,
+        // as they are: no splitting, no copying of segment lists.
+        if let (Some((h, rd)), Some((s, wr))) = (readable.split_first(), writable.split_last()) {
+            if h.len as usize == OUTHDR_LEN && s.len == 1 {
+                let mut hdr = VirtioBlkOutHdr::default();
+                mem.read(h.addr, hdr.as_mut_bytes())
+                    .map_err(|_| Malformed::HeaderUnreadable)?;
+                return self.run(mem, &hdr, s.addr, rd, wr);
+            }
+        }
         let mut wr = std::mem::take(&mut self.wr);
         let mut rd = std::mem::take(&mut self.rd);
         let res = (|| {
             let status_addr = split_status(writable, &mut wr)?;
             let hdr = read_header(mem, readable, &mut rd)?;
-            let (st, written) = match self.execute(mem, hdr.type_.get(), hdr.sector.get(), &rd, &wr)
-            {
-                Ok(written) => (status::OK, written),
-                Err(Fail::IoErr) => {
-                    bump(&self.stats.io_errors, 1);
-                    (status::IOERR, 0)
-                }
-                Err(Fail::Unsupp) => {
-                    bump(&self.stats.unsupported, 1);
-                    (status::UNSUPP, 0)
-                }
-            };
-            // Through the mapping even below 1 MiB (tcg-boot): the status byte is never
-            // code, and the data it follows has already reached guest memory.
-            mem.write_not_code(status_addr, &[st])
-                .map_err(|_| Malformed::StatusUnwritable)?;
-            Ok(Completion {
-                used_len: written.saturating_add(1),
-                status: Some(st),
-            })
+            self.run(mem, &hdr, status_addr, &rd, &wr)
         })();
         self.wr = wr;
         self.rd = rd;
         res
     }
 
+    /// Execute a parsed request and write its status byte.
+    #[inline(always)]
+    fn run(
+        &mut self,
+        mem: &GuestMemory,
+        hdr: &VirtioBlkOutHdr,
+        status_addr: u64,
+        rd: &[Segment],
+        wr: &[Segment],
+    ) -> Result<Completion, Malformed> {
+        let (st, written) = match self.execute(mem, hdr.type_.get(), hdr.sector.get(), rd, wr) {
+            Ok(written) => (status::OK, written),
+            Err(Fail::IoErr) => {
+                bump(&self.stats.io_errors, 1);
+                (status::IOERR, 0)
+            }
+            Err(Fail::Unsupp) => {
+                bump(&self.stats.unsupported, 1);
+                (status::UNSUPP, 0)
+            }
+        };
+        // Through the mapping even below 1 MiB (tcg-boot): the status byte is never
+        // code, and the data it follows has already reached guest memory.
+        mem.write_not_code(status_addr, &[st])
+            .map_err(|_| Malformed::StatusUnwritable)?;
+        Ok(Completion {
+            used_len: written.saturating_add(1),
+            status: Some(st),
+        })
+    }
+
     /// Run one request; returns the number of data bytes written to the guest.
+    #[inline(always)]
     fn execute(
         &mut self,
         mem: &GuestMemory,
@@ -326,7 +350,8 @@ impl BlkEngine {
     ) -> ReqResult<u32> {
         match ty {
             req_type::IN => {
-                if !rd.is_empty() {
+                // (Empty segments carry no data; the vring core drops them anyway.)
+                if rd.iter().any(|s| s.len > 0) {
                     log::debug!("virtio-blk: read request with device-readable data");
                     return Err(Fail::IoErr);
                 }
@@ -340,7 +365,7 @@ impl BlkEngine {
                 if self.limits.read_only {
                     return Err(Fail::IoErr);
                 }
-                if !wr.is_empty() {
+                if wr.iter().any(|s| s.len > 0) {
                     log::debug!("virtio-blk: write request with device-writable data");
                     return Err(Fail::IoErr);
                 }
@@ -387,19 +412,29 @@ impl BlkEngine {
     }
 
     /// Validate a data transfer of `len` bytes at `sector`; returns the byte offset.
+    #[inline(always)]
     fn check_io(&self, sector: u64, len: u64) -> ReqResult<u64> {
+        match sector.checked_mul(SECTOR_SIZE) {
+            Some(offset)
+                if len % SECTOR_SIZE == 0
+                    && offset
+                        .checked_add(len)
+                        .is_some_and(|end| end <= self.limits.capacity_bytes) =>
+            {
+                Ok(offset)
+            }
+            _ => Self::bad_io(sector, len),
+        }
+    }
+
+    #[cold]
+    fn bad_io(sector: u64, len: u64) -> ReqResult<u64> {
         if len % SECTOR_SIZE != 0 {
             log::debug!("virtio-blk: data length {len} is not a multiple of 512");
-            return Err(Fail::IoErr);
+        } else {
+            log::debug!("virtio-blk: sector {sector} + {len} bytes is beyond capacity");
         }
-        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Fail::IoErr)?;
-        match offset.checked_add(len) {
-            Some(end) if end <= self.limits.capacity_bytes => Ok(offset),
-            _ => {
-                log::debug!("virtio-blk: sector {sector} + {len} bytes is beyond capacity");
-                Err(Fail::IoErr)
-            }
-        }
+        Err(Fail::IoErr)
     }
 
     /// Fill `out` with host views of every segment; false if some segment has no single host
@@ -412,6 +447,9 @@ impl BlkEngine {
         out: &mut HostSlices<'m>,
     ) -> ReqResult<bool> {
         for s in segs {
+            if s.len == 0 {
+                continue;
+            }
             match mem.slice(s.addr, s.len as usize, access) {
                 Ok(vs) => out.push(vs),
                 Err(MemError::NotMappable { .. } | MemError::Discontiguous { .. }) => {
@@ -445,7 +483,25 @@ impl BlkEngine {
         }
     }
 
+    /// Read from the backend into the guest buffers `segs`.
+    #[inline(always)]
     fn read_to_guest(&mut self, mem: &GuestMemory, offset: u64, segs: &[Segment]) -> ReqResult<()> {
+        // The usual 4 KiB request: one segment in one mapped region, no slice list to build.
+        if let [s] = segs {
+            if let Ok(vs) = mem.slice(s.addr, s.len as usize, Access::Write) {
+                return Ok(self.backend.read_vectored(offset, &[vs])?);
+            }
+        }
+        self.read_to_guest_slow(mem, offset, segs)
+    }
+
+    #[inline(never)]
+    fn read_to_guest_slow(
+        &mut self,
+        mem: &GuestMemory,
+        offset: u64,
+        segs: &[Segment],
+    ) -> ReqResult<()> {
         if segs.is_empty() {
             return Ok(());
         }
@@ -477,7 +533,24 @@ impl BlkEngine {
         res
     }
 
+    /// Write the guest buffers `segs` to the backend.
+    #[inline(always)]
     fn write_from_guest(
+        &mut self,
+        mem: &GuestMemory,
+        offset: u64,
+        segs: &[Segment],
+    ) -> ReqResult<()> {
+        if let [s] = segs {
+            if let Ok(vs) = mem.slice(s.addr, s.len as usize, Access::Read) {
+                return Ok(self.backend.write_vectored(offset, &[vs])?);
+            }
+        }
+        self.write_from_guest_slow(mem, offset, segs)
+    }
+
+    #[inline(never)]
+    fn write_from_guest_slow(
         &mut self,
         mem: &GuestMemory,
         offset: u64,
@@ -527,7 +600,7 @@ impl BlkEngine {
         if self.limits.read_only {
             return Err(Fail::IoErr);
         }
-        if !wr.is_empty() {
+        if wr.iter().any(|s| s.len > 0) {
             log::debug!("virtio-blk: discard/write-zeroes with device-writable data");
             return Err(Fail::IoErr);
         }

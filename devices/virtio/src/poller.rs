@@ -74,12 +74,25 @@ pub enum IrqPolicy {
 }
 
 /// Tuning of the poller threads.
+///
+/// After the last work a thread keeps polling for an idle window before it sleeps on its
+/// eventfds. The window adapts per thread between `idle_before_sleep` and `max_idle_spin`
+/// (see [`SpinWindow`]): it grows when work came shortly after the thread went to sleep (a
+/// longer spin would have caught it without a kick and a wakeup) and shrinks when the thread
+/// slept longer than any window could cover. Equal bounds give a fixed window.
 #[derive(Debug, Clone, Copy)]
 pub struct PollerConfig {
     /// Chains handed to a handler per burst.
     pub budget: usize,
-    /// Polling without work for this long puts the thread to sleep.
+    /// Shortest idle window (and the starting one).
     pub idle_before_sleep: Duration,
+    /// Longest idle window the adaptation may reach; below `idle_before_sleep` it is raised
+    /// to it.
+    pub max_idle_spin: Duration,
+    /// Give the CPU to other runnable threads (`sched_yield`) between idle polls once the
+    /// thread has been idle this long, so spinning does not starve vCPU threads on an
+    /// oversubscribed host. `None`: never yield.
+    pub yield_after: Option<Duration>,
     pub irq: IrqPolicy,
 }
 
@@ -87,8 +100,76 @@ impl Default for PollerConfig {
     fn default() -> Self {
         Self {
             budget: 64,
-            idle_before_sleep: Duration::from_micros(50),
+            idle_before_sleep: Duration::from_micros(DEFAULT_MIN_SPIN_US),
+            max_idle_spin: Duration::from_micros(DEFAULT_MAX_SPIN_US),
+            yield_after: Some(Duration::from_micros(DEFAULT_YIELD_AFTER_US)),
             irq: IrqPolicy::EndOfBurst,
+        }
+    }
+}
+
+impl PollerConfig {
+    /// A fixed idle window of `d` (no adaptation), as before adaptive polling.
+    pub fn fixed_spin(d: Duration) -> Self {
+        Self {
+            idle_before_sleep: d,
+            max_idle_spin: d,
+            ..Self::default()
+        }
+    }
+
+    /// An adaptive window bounded by `max` (the lower bound stays the default, or `max` if
+    /// that is smaller).
+    pub fn adaptive_spin(max: Duration) -> Self {
+        let d = Self::default();
+        Self {
+            idle_before_sleep: d.idle_before_sleep.min(max),
+            max_idle_spin: max,
+            ..d
+        }
+    }
+}
+
+/// Default lower bound of the idle window, µs.
+pub const DEFAULT_MIN_SPIN_US: u64 = 10;
+/// Default upper bound of the idle window, µs.
+pub const DEFAULT_MAX_SPIN_US: u64 = 1000;
+/// Default idle time after which idle polls yield the CPU, µs.
+pub const DEFAULT_YIELD_AFTER_US: u64 = 20;
+
+/// The adaptive idle window of one poller thread.
+///
+/// The gap a sleep ended is the idle time before it (the window) plus the time asleep. A
+/// wakeup by work whose gap is within `max` means a window of about that gap would have
+/// avoided the sleep and its kick: the window grows to cover it (at least doubling). A gap
+/// beyond `max` means spinning could not have helped: the window halves. Bounded by
+/// `[min, max]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpinWindow {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl SpinWindow {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Self { cur: min, min, max }
+    }
+
+    /// The current window.
+    pub fn get(&self) -> Duration {
+        self.cur
+    }
+
+    /// The thread slept after idling `idle` and was woken by work after `slept`.
+    pub fn woken_by_work(&mut self, idle: Duration, slept: Duration) {
+        let gap = idle.saturating_add(slept);
+        if gap <= self.max {
+            let want = gap.saturating_add(gap / 4).max(self.cur.saturating_mul(2));
+            self.cur = want.min(self.max);
+        } else {
+            self.cur = (self.cur / 2).max(self.min);
         }
     }
 }
@@ -117,6 +198,8 @@ pub struct ThreadStats {
     pub sleeps: AtomicU64,
     pub poll_ns: AtomicU64,
     pub sleep_ns: AtomicU64,
+    /// The current adaptive idle window, ns (see [`SpinWindow`]).
+    pub spin_window_ns: AtomicU64,
 }
 
 /// Waits for several threads to acknowledge one operation.
@@ -202,6 +285,17 @@ impl PollerPool {
     }
 
     pub fn with_config(n_threads: usize, cfg: PollerConfig) -> std::io::Result<Arc<Self>> {
+        // TEMP-PERF-EXPERIMENT (remove): EMUDEV_POLL_EXP=min_us,max_us,yield_us(0=off)
+        let mut cfg = cfg;
+        if let Ok(v) = std::env::var("EMUDEV_POLL_EXP") {
+            let p: Vec<u64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
+            if p.len() == 3 {
+                cfg.idle_before_sleep = Duration::from_micros(p[0]);
+                cfg.max_idle_spin = Duration::from_micros(p[1]);
+                cfg.yield_after = (p[2] > 0).then(|| Duration::from_micros(p[2]));
+                eprintln!("poller experiment: {cfg:?}");
+            }
+        }
         let mut threads = Vec::new();
         for i in 0..n_threads.max(1) {
             let (tx, rx) = unbounded();
@@ -549,6 +643,8 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self) {
+        let mut window = SpinWindow::new(self.cfg.idle_before_sleep, self.cfg.max_idle_spin);
+        self.publish_window(&window);
         let mut last_work = Instant::now();
         let mut awake_since = Instant::now();
         loop {
@@ -560,14 +656,28 @@ impl Worker {
             let now = Instant::now();
             if work > 0 {
                 last_work = now;
-            } else if now.duration_since(last_work) >= self.cfg.idle_before_sleep {
-                if let Some(slept) = self.try_sleep(now.duration_since(awake_since)) {
+                continue;
+            }
+            let idle = now.duration_since(last_work);
+            if idle >= window.get() {
+                if let Some(wake) = self.try_sleep(now.duration_since(awake_since)) {
+                    if wake.by_work {
+                        window.woken_by_work(idle, wake.slept);
+                        self.publish_window(&window);
+                    }
                     awake_since = Instant::now();
                     last_work = awake_since;
-                    let _ = slept;
                 }
+            } else if self.cfg.yield_after.is_some_and(|y| idle >= y) {
+                // Spinning with nothing to do: let a runnable vCPU have this core first.
+                std::thread::yield_now();
             }
         }
+    }
+
+    fn publish_window(&self, w: &SpinWindow) {
+        let ns = u64::try_from(w.get().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.spin_window_ns.store(ns, Ordering::Relaxed);
     }
 
     /// One pass over all queues; returns the work done.
@@ -808,9 +918,9 @@ impl Worker {
         }
     }
 
-    /// Re-enable notifications and sleep if every queue is still empty. Returns the time
-    /// slept, or `None` if work showed up.
-    fn try_sleep(&mut self, awake: Duration) -> Option<Duration> {
+    /// Re-enable notifications and sleep if every queue is still empty. Returns how the
+    /// sleep went, or `None` if work showed up before it.
+    fn try_sleep(&mut self, awake: Duration) -> Option<Wake> {
         for s in &mut self.slots {
             s.fire();
         }
@@ -865,6 +975,7 @@ impl Worker {
             }
         }
         let start = Instant::now();
+        let mut by_work = false;
         if self.rx.is_empty() {
             // SAFETY: `pollfds` is a valid array of `len` pollfd structs that outlives the
             // call; the fds are owned by slots/self and stay open during it.
@@ -875,6 +986,8 @@ impl Worker {
                     -1,
                 )
             };
+            // Entry 0 is the control eventfd; any other ready fd is a kick or a completion.
+            by_work = self.pollfds.iter().skip(1).any(|p| p.revents != 0);
         }
         let slept = start.elapsed();
         let _ = self.wake.read();
@@ -891,8 +1004,15 @@ impl Worker {
             }
             s.queue.disable_notifications();
         }
-        Some(slept)
+        Some(Wake { slept, by_work })
     }
+}
+
+/// How a poller thread's sleep ended.
+struct Wake {
+    slept: Duration,
+    /// A kick or a handler's wake fd ended it (not a control message).
+    by_work: bool,
 }
 
 #[cfg(test)]
@@ -1111,6 +1231,149 @@ mod tests {
         submit(&mut d, &kick, 11);
         collect(&mut d, 1);
         assert!(s.eng.queue_stats(0).unwrap().kicks.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn spin_window_adapts_within_its_bounds() {
+        let us = Duration::from_micros;
+        let mut w = SpinWindow::new(us(10), us(1000));
+        assert_eq!(w.get(), us(10));
+        // Work 200 µs after the last: the window grows past that gap.
+        w.woken_by_work(us(10), us(190));
+        assert_eq!(w.get(), us(250));
+        // Growth at least doubles, and stops at the bound.
+        w.woken_by_work(us(250), us(10));
+        assert_eq!(w.get(), us(500));
+        w.woken_by_work(us(500), us(400));
+        assert_eq!(w.get(), us(1000));
+        // A gap no window could cover halves it, down to the floor.
+        w.woken_by_work(us(1000), Duration::from_secs(3));
+        assert_eq!(w.get(), us(500));
+        for _ in 0..20 {
+            w.woken_by_work(w.get(), Duration::from_secs(1));
+        }
+        assert_eq!(w.get(), us(10));
+        // Bounds given the wrong way round make a fixed window.
+        let mut f = SpinWindow::new(us(50), us(20));
+        f.woken_by_work(us(50), us(5));
+        assert_eq!(f.get(), us(50));
+        f.woken_by_work(us(50), Duration::from_secs(1));
+        assert_eq!(f.get(), us(50));
+    }
+
+    fn pool_with(cfg: PollerConfig, mem: &Arc<GuestMemory>) -> (Arc<PollerPool>, PollerEngine) {
+        let pool = PollerPool::with_config(1, cfg).unwrap();
+        let mut eng = pool.engine(echo_factory());
+        eng.features_changed(FEATS).wait_timeout(T).unwrap();
+        eng.memory_changed(mem.clone()).wait_timeout(T).unwrap();
+        (pool, eng)
+    }
+
+    #[test]
+    fn requests_shortly_after_sleeping_grow_the_window() {
+        let mem = anon_memory(BASE, MEM);
+        // A generous upper bound, so scheduling delays on a loaded machine still count as
+        // short gaps.
+        let cfg = PollerConfig {
+            idle_before_sleep: Duration::from_micros(10),
+            max_idle_spin: Duration::from_millis(50),
+            ..PollerConfig::default()
+        };
+        let (pool, mut eng) = pool_with(cfg, &mem);
+        let mut d = SplitDriver::new(mem.clone(), BASE, 64);
+        let kick = Kick::new().unwrap();
+        let (_i, n) = counter();
+        eng.queue_start(0, d.config(), n, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        let ts = pool.thread_stats(0).unwrap();
+        let window = || Duration::from_nanos(ts.spin_window_ns.load(Ordering::Relaxed));
+        assert_eq!(window(), Duration::from_micros(10));
+        let mut widest = Duration::ZERO;
+        for i in 0..8 {
+            // Wait until the poller is asleep, then kick it 300 µs later.
+            let sleeps = ts.sleeps.load(Ordering::Relaxed);
+            assert!(wait_until(
+                || ts.sleeps.load(Ordering::Relaxed) > sleeps || pool_asleep(&pool)
+            ));
+            std::thread::sleep(Duration::from_micros(300));
+            submit(&mut d, &kick, i);
+            collect(&mut d, 1);
+            widest = widest.max(window());
+        }
+        assert!(
+            widest >= Duration::from_micros(300),
+            "window stayed at {widest:?}"
+        );
+    }
+
+    /// True when poller 0 is blocked in the kernel (state S in /proc).
+    fn pool_asleep(pool: &PollerPool) -> bool {
+        let tid = pool.thread_tid(0).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim_start().starts_with('S'))
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn sixteen_idle_queues_sleep_soon_after_a_burst() {
+        let mem = anon_memory(BASE, MEM);
+        // The widest window the default adaptation can reach, from the start.
+        let max = Duration::from_micros(DEFAULT_MAX_SPIN_US);
+        let cfg = PollerConfig {
+            idle_before_sleep: max,
+            max_idle_spin: max,
+            ..PollerConfig::default()
+        };
+        let (pool, mut eng) = pool_with(cfg, &mem);
+        let (_i, n) = counter();
+        let mut drivers = Vec::new();
+        for q in 0..16u16 {
+            let d = SplitDriver::new(mem.clone(), BASE + 0x4000 * u64::from(q), 8);
+            let kick = Kick::new().unwrap();
+            eng.queue_start(q, d.config(), n.clone(), kick.clone())
+                .wait_timeout(T)
+                .unwrap();
+            drivers.push((d, kick));
+        }
+        // A busy burst over every queue.
+        for round in 0..20u64 {
+            for (d, kick) in &mut drivers {
+                submit(d, kick, round);
+            }
+            for (d, _) in &mut drivers {
+                collect(d, 1);
+            }
+        }
+        let busy_end = pool.thread_cpu_time(0).unwrap();
+        // Back to sleep: at most the window plus slack of CPU after the last completion.
+        assert!(wait_until(|| pool_asleep(&pool)));
+        let to_sleep = pool.thread_cpu_time(0).unwrap() - busy_end;
+        assert!(to_sleep < max * 10, "{to_sleep:?} of CPU before sleeping");
+        // Idle: under 2% of a core over 200 ms.
+        let c0 = pool.thread_cpu_time(0).unwrap();
+        let t0 = Instant::now();
+        let sleeps = pool.thread_stats(0).unwrap().sleeps.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        let used = pool.thread_cpu_time(0).unwrap() - c0;
+        let share = used.as_secs_f64() / t0.elapsed().as_secs_f64();
+        assert!(share < 0.02, "16 idle queues: {:.2}% CPU", share * 100.0);
+        assert!(pool_asleep(&pool));
+        assert_eq!(
+            pool.thread_stats(0).unwrap().sleeps.load(Ordering::Relaxed),
+            sleeps,
+            "woke up while idle"
+        );
+        // Still responsive on any queue.
+        let (d, kick) = &mut drivers[9];
+        submit(d, kick, 99);
+        collect(d, 1);
+        eng.destroy().wait_timeout(T).unwrap();
     }
 
     #[test]

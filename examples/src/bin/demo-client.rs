@@ -2,33 +2,39 @@
 //! driver would, from an ordinary process. Needs no root and no QEMU.
 //!
 //! ```text
-//! demo-client [--blk SOCK] [--testdev SOCK] [--sectors N] [--request-sectors N]
-//!             [--depth N] [--quiet]
+//! demo-client [--blk SOCK] [--testdev SOCK] [--net SOCK --net SOCK] [--sectors N]
+//!             [--request-sectors N] [--depth N] [--frames N] [--frame-len N] [--quiet]
 //! ```
 //!
 //! For the virtio-blk: writes a pattern to N sectors, reads it back and verifies it, with a
 //! progress bar and the IOPS. For the test device: a DMA FILL and a CHECKSUM with MSI-X
-//! completion interrupts. Exits 1 on any error or mismatch, 2 on a usage error.
+//! completion interrupts. For two virtio-net NICs on the same switch: frames both ways,
+//! each checked on arrival, with the frame rate. Exits 1 on any error or mismatch, 2 on a
+//! usage error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use emudev_examples::demo::{blk, testdev};
+use emudev_examples::demo::{blk, net, testdev};
 
-const USAGE: &str = "usage: demo-client [--blk SOCK] [--testdev SOCK] [--sectors N] \
-[--request-sectors N] [--depth N] [--quiet]";
+const USAGE: &str = "usage: demo-client [--blk SOCK] [--testdev SOCK] [--net SOCK --net SOCK] \
+[--sectors N] [--request-sectors N] [--depth N] [--frames N] [--frame-len N] [--quiet]";
 
 struct Args {
     blk: Option<PathBuf>,
     testdev: Option<PathBuf>,
+    net: Vec<PathBuf>,
     opts: blk::BlkOptions,
+    net_opts: net::NetOptions,
 }
 
 fn parse(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
         blk: None,
         testdev: None,
+        net: Vec::new(),
         opts: blk::BlkOptions::default(),
+        net_opts: net::NetOptions::default(),
     };
     let mut it = argv.iter();
     while let Some(f) = it.next() {
@@ -48,13 +54,25 @@ fn parse(argv: &[String]) -> Result<Args, String> {
             "--depth" => {
                 a.opts.depth = u16::try_from(num(val()?)?).map_err(|_| "--depth: too large")?
             }
-            "--quiet" => a.opts.verbose = false,
+            "--net" => a.net.push(val()?.into()),
+            "--frames" => a.net_opts.frames = num(val()?)?,
+            "--frame-len" => {
+                a.net_opts.frame_len =
+                    usize::try_from(num(val()?)?).map_err(|_| "--frame-len: too large")?
+            }
+            "--quiet" => {
+                a.opts.verbose = false;
+                a.net_opts.verbose = false;
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
-    if a.blk.is_none() && a.testdev.is_none() {
-        return Err("give --blk and/or --testdev".into());
+    if !matches!(a.net.len(), 0 | 2) {
+        return Err("--net takes two NICs: --net SOCK --net SOCK".into());
+    }
+    if a.blk.is_none() && a.testdev.is_none() && a.net.is_empty() {
+        return Err("give --blk, --testdev and/or --net".into());
     }
     Ok(a)
 }
@@ -94,6 +112,26 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("demo-client: virtio-blk {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let [na, nb] = args.net.as_slice() {
+        match net::run(na, nb, &args.net_opts) {
+            Ok(r) => {
+                if verbose {
+                    println!(
+                        "virtio-net: {} frames A->B and {} frames B->A through the switch, all checked",
+                        r.a_to_b.received, r.b_to_a.received
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "demo-client: virtio-net {} <-> {}: {e}",
+                    na.display(),
+                    nb.display()
+                );
                 return ExitCode::FAILURE;
             }
         }

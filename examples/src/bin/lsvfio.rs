@@ -8,17 +8,28 @@
 //! config region, every region with its flags and sparse mmap areas, and every IRQ index
 //! with its count and flags. It maps no memory and changes nothing on the device.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use emudev_examples::decode;
 use emudev_vfio_user::wire::{device_flags, region_index};
 use emudev_vfio_user::{Client, ClientError};
 
-fn inspect(path: &str) -> Result<(), ClientError> {
+/// One line of the report. Writing to a String cannot fail.
+macro_rules! out {
+    ($o:expr) => { $o.push('\n') };
+    ($o:expr, $($t:tt)*) => {{
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
+/// Inspect the device at `path`, appending the report to `o` (kept when a later step fails).
+fn inspect(path: &str, o: &mut String) -> Result<(), ClientError> {
     let mut c = Client::connect(path)?;
     let caps = c.negotiate()?;
-    println!("vfio-user device at {path}");
-    println!(
+    out!(o, "vfio-user device at {path}");
+    out!(o,
         "Server: protocol {}.{}, max_msg_fds {}, max_data_xfer_size {}, max_dma_maps {}, pgsizes {:#x}{}",
         caps.major,
         caps.minor,
@@ -36,7 +47,8 @@ fn inspect(path: &str) -> Result<(), ClientError> {
     if info.flags & device_flags::RESET != 0 {
         flags.push("RESET");
     }
-    println!(
+    out!(
+        o,
         "Device: {} ({} regions, {} IRQ indexes)",
         flags.join(" "),
         info.num_regions,
@@ -48,7 +60,7 @@ fn inspect(path: &str) -> Result<(), ClientError> {
         match c.region_info(i) {
             Ok(r) => regions.push((i, Some(r))),
             Err(ClientError::Server(e)) => {
-                println!("  region {i}: error {e}");
+                out!(o, "  region {i}: error {e}");
                 regions.push((i, None));
             }
             Err(e) => return Err(e),
@@ -67,36 +79,36 @@ fn inspect(path: &str) -> Result<(), ClientError> {
             .find(|(i, _)| *i == region_index::CONFIG)
             .and_then(|(_, r)| r.as_ref())
             .map_or(0, |r| r.info.size.min(4096));
-        println!();
+        out!(o);
         if cfg_size == 0 {
-            println!("(no config region)");
+            out!(o, "(no config region)");
         } else {
             let cfg = c.region_read(region_index::CONFIG, 0, cfg_size as u32)?;
             let mut lines = decode::header(&cfg, &bar_sizes).into_iter();
             if let Some(first) = lines.next() {
-                println!("{first}");
+                out!(o, "{first}");
             }
             for l in lines {
-                println!("\t{l}");
+                out!(o, "\t{l}");
             }
             let caps = decode::capabilities(&cfg);
             if caps.is_empty() {
-                println!("\tCapabilities: none");
+                out!(o, "\tCapabilities: none");
             } else {
-                println!("\tCapabilities:");
+                out!(o, "\tCapabilities:");
                 for l in caps {
-                    println!("\t  {l}");
+                    out!(o, "\t  {l}");
                 }
             }
         }
     }
 
-    println!();
-    println!("Regions:");
+    out!(o);
+    out!(o, "Regions:");
     for (i, r) in &regions {
         let Some(r) = r else { continue };
         if r.info.size == 0 && r.info.flags == 0 {
-            println!("  {:>2} {:<6} -", i, decode::region_name(*i));
+            out!(o, "  {:>2} {:<6} -", i, decode::region_name(*i));
             continue;
         }
         let mut line = format!(
@@ -109,24 +121,25 @@ fn inspect(path: &str) -> Result<(), ClientError> {
         if r.fd.is_some() {
             line.push_str(&format!("  fd offset {:#x}", r.info.offset));
         }
-        println!("{line}");
+        out!(o, "{line}");
         for a in &r.areas {
-            println!("       sparse mmap {:#x}+{:#x}", a.offset, a.size);
+            out!(o, "       sparse mmap {:#x}+{:#x}", a.offset, a.size);
         }
     }
 
-    println!();
-    println!("IRQs:");
+    out!(o);
+    out!(o, "IRQs:");
     for i in 0..info.num_irqs.min(50) {
         match c.irq_info(i) {
-            Ok(irq) => println!(
+            Ok(irq) => out!(
+                o,
                 "  {} {:<6} count {:<5} {}",
                 i,
                 decode::irq_name(i),
                 irq.count,
                 decode::irq_flag_names(irq.flags)
             ),
-            Err(ClientError::Server(e)) => println!("  {i} {:<6} error {e}", decode::irq_name(i)),
+            Err(ClientError::Server(e)) => out!(o, "  {i} {:<6} error {e}", decode::irq_name(i)),
             Err(e) => return Err(e),
         }
     }
@@ -140,7 +153,22 @@ fn main() -> ExitCode {
         eprintln!("usage: lsvfio SOCKET");
         return ExitCode::from(2);
     };
-    match inspect(path) {
+    let mut report = String::new();
+    let r = inspect(path, &mut report);
+    // A reader that went away (`lsvfio sock | head`) is not an error worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(report.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            eprintln!("lsvfio: stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lsvfio: {path}: {e}");

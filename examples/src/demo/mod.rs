@@ -4,12 +4,15 @@
 //!
 //! - [`blk`]: a small virtio-pci driver for virtio-blk: writes a pattern, reads it back.
 //! - [`testdev`]: the test device's DMA engine (FILL, CHECKSUM) and an MSI-X interrupt.
+//! - [`net`]: two virtio-net NICs on one switch exchange frames (driver in `virtio.rs`).
 //!
 //! Used by the `demo-client` binary and by emudevd's integration tests.
 
 pub mod blk;
+pub mod net;
 mod pci;
 pub mod testdev;
+mod virtio;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;

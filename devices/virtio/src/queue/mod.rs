@@ -126,6 +126,10 @@ pub enum QueueError {
     BadBufferId(u16),
     #[error("the device's queue handler failed (panicked)")]
     HandlerFailed,
+    /// An external datapath (a vhost-user backend) failed or went away. (Added for the
+    /// vhost-user bridge, issue 10.)
+    #[error("external backend: {0}")]
+    Backend(String),
 }
 
 /// `vring_need_event`: should the other side be signalled when its index moves from `old` to
