@@ -31,13 +31,14 @@ echo "setup took $(( $(date +%s) - t0 )) s"
 step "build release binaries"
 # every binary a case starts: examples (testdev-server), emudevd, net-server (emudev-net)
 cargo build --release --locked -p emudev-examples -p emudevd -p emudev-net -p emudev-avf --bins || fail "release build failed"
-export BIN=$ROOT/target/release
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export BIN=$TARGET_DIR/release
 # For case-testdev: the static guest-mmio tool and the guest kernel module. A failure here
 # only warns; the cases that need these files report them missing.
 step "build guest tools (static guest-mmio, emudev_testdev.ko)"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
     --target x86_64-unknown-linux-gnu -p emudev-guest-tools || echo "WARN: guest-mmio build failed"
-export GUEST_MMIO=$ROOT/target/x86_64-unknown-linux-gnu/release/guest-mmio
+export GUEST_MMIO=$TARGET_DIR/x86_64-unknown-linux-gnu/release/guest-mmio
 bash tests/guest/build-testdev-driver.sh || echo "WARN: emudev_testdev.ko build failed"
 export RUN_GUEST=$ROOT/tests/guest/boot.sh
 export GUEST_LOGS=$ROOT/target/guest-logs

@@ -6,8 +6,9 @@
 //! come back on per-ring call eventfds that the monitor thread turns into interrupts.
 //!
 //! `pause`/`resume` do nothing: the backend keeps running, and `memory_changed` (which the
-//! transport calls while paused when memory goes away) sends SET_MEM_TABLE and, with
-//! REPLY_ACK, returns only once the backend has switched to the new table.
+//! transport calls while paused when memory goes away) sends SET_MEM_TABLE while rings run
+//! and, with REPLY_ACK, returns only once the backend has switched to the new table (see
+//! `Backend::memory_changed` for when a table is held back).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -156,3 +156,17 @@ fn qsd_backend_restart_sets_needs_reset_and_reconnects() {
     mem.read(req_at(1).data, &mut got).unwrap();
     assert_eq!(got, pattern(5));
 }
+
+#[test]
+fn qsd_hang_up_is_seen_without_running_rings() {
+    if !have_qsd() {
+        return;
+    }
+    let dir = TempDir::new("qsd-idle");
+    let (mut qsd, d, _image) = open(&dir);
+    assert!(d.with_device(|p| p.device().backend().connected()));
+    qsd.kill();
+    wait_for("disconnect", || {
+        !d.with_device(|p| p.device().backend().connected())
+    });
+}
