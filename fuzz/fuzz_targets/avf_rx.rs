@@ -5,12 +5,13 @@
 //! descriptor carrying exactly the classified fields.
 //!
 //! Input: `[flags, promisc, lut_len, key (52 bytes), frame...]`; flags bit 0 = the backend's
-//! DATA_VALID, bits 1.. pick HENA variants.
+//! DATA_VALID, bits 1-2 pick HENA variants, bit 3 turns on VLAN filtering (one id from
+//! `promisc >> 2`), bit 4 stripping.
 
 #![no_main]
 
 use emudev_avf::desc::{rx_error, rx_status, RxWriteback};
-use emudev_avf::rx::{classify, Rss, RxPolicy};
+use emudev_avf::rx::{classify, strip_vlan, vlan_tci, Rss, RxPolicy};
 use emudev_avf::virtchnl::HENA_CAPS;
 use libfuzzer_sys::fuzz_target;
 
@@ -39,6 +40,8 @@ fuzz_target!(|data: &[u8]| {
             .filter_map(|m| m.try_into().ok())
             .collect(),
         promisc: u16::from(promisc & 3),
+        vlans: (flags & 8 != 0).then(|| vec![u16::from(promisc >> 2)]),
+        strip: flags & 16 != 0,
         rss: Rss {
             key,
             lut: (0..lut_len).map(|i| (i % 4) as u8).collect(),
@@ -46,6 +49,11 @@ fuzz_target!(|data: &[u8]| {
         },
     };
     let _ = policy.accepts(frame);
+    let mut stripped = Vec::new();
+    if let Some(tci) = strip_vlan(frame, &mut stripped) {
+        assert_eq!(stripped.len() + 4, frame.len());
+        assert_eq!(vlan_tci(frame), Some(tci));
+    }
     let info = classify(frame, flags & 1 != 0, &policy);
     assert_eq!(
         info.hash.is_some(),
@@ -67,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
         ptype: info.ptype,
         flags: info.flags,
         hash: info.hash.unwrap_or(0),
+        l2tag1: emudev_avf::rx::vlan_tci(frame),
     }
     .encode();
     assert_eq!(wb[1] & 3, 3, "DD|EOF");

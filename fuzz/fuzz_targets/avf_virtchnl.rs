@@ -12,12 +12,12 @@
 use std::cell::RefCell;
 
 use emudev::transport::InProc;
-use emudev_avf::pf::{VfState, MAX_MAC_FILTERS};
+use emudev_avf::pf::{VfState, MAX_MAC_FILTERS, MAX_VLAN_FILTERS, MAX_VLAN_ID};
 use emudev_avf::virtchnl::op;
 use emudev_avf::{AvfDevice, VfConfig};
 use libfuzzer_sys::fuzz_target;
 
-const OPS: [u32; 20] = [
+const OPS: [u32; 24] = [
     op::VERSION,
     op::RESET_VF,
     op::GET_VF_RESOURCES,
@@ -38,6 +38,10 @@ const OPS: [u32; 20] = [
     op::GET_RSS_HENA_CAPS,
     op::SET_RSS_HENA,
     op::REQUEST_QUEUES,
+    op::ADD_VLAN,
+    op::DEL_VLAN,
+    op::ENABLE_VLAN_STRIPPING,
+    op::DISABLE_VLAN_STRIPPING,
 ];
 
 thread_local! {
@@ -83,6 +87,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(vf.queues.len(), usize::from(nq));
             assert!(vf.rss_lut.iter().all(|&q| u16::from(q) < nq));
             assert!(vf.mac_filters.len() <= MAX_MAC_FILTERS);
+            assert!(vf.vlan_filters.len() <= MAX_VLAN_FILTERS);
+            assert!(vf.vlan_filters.iter().all(|&v| v <= MAX_VLAN_ID));
             for q in &vf.queues {
                 for v in [q.rx_vector, q.tx_vector].into_iter().flatten() {
                     assert!(v < vf.max_vectors());

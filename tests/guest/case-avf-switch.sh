@@ -4,7 +4,8 @@
 # moves into a guest netns. They ping each other over IPv4 and IPv6 link-local (IPv6 needs
 # the solicited-node multicast the AVF MAC filter must let through), and run iperf3 TCP
 # both ways through the switch (TSO from iavf reaches virtio-net as GSO; virtio-net's TSO is
-# segmented by the switch for the AVF port), with no checksum errors in the guest.
+# segmented by the switch for the AVF port), with no checksum errors in the guest; and a
+# VLAN on both ports (tag insertion, stripping and the VLAN filter of the AVF port).
 # No host networking is involved.
 . "$(dirname "$0")/lib.sh"
 # Guest-side helper (as in net-lib.sh, which this case does not need: no host namespace).
@@ -59,6 +60,18 @@ done
 [ -n "\$LLA" ] || { ip -6 addr show dev \$A; exit 14; }
 ip netns exec peer ping -c 3 -W 3 "\$LLA%\$V" || exit 14
 echo AVF-SWITCH-PING6-OK
+# VLAN 100 on both ports: iavf adds the filter (ADD_VLAN), has the device insert the tag
+# (IL2TAG1) and strip it on receive (ENABLE_VLAN_STRIPPING); /24 so these routes win.
+ethtool -k \$A | grep -E "vlan-(offload|filter)"
+ip link add link \$A name avf.100 type vlan id 100 || exit 20
+ip -n peer link add link \$V name vn.100 type vlan id 100 || exit 20
+ip link set avf.100 up
+ip addr add 169.254.90.1/24 dev avf.100
+ip -n peer link set vn.100 up
+ip -n peer addr add 169.254.90.2/24 dev vn.100
+reach 169.254.90.2 || exit 21
+ping -c 3 -W 3 169.254.90.2 || exit 21
+echo AVF-SWITCH-VLAN-OK
 ip netns exec peer iperf3 -s -D -B 169.254.89.2 -p 5201 || exit 15
 ip netns exec peer iperf3 -s -D -B 169.254.89.2 -p 5202 || exit 15
 reach 169.254.89.2 || exit 15

@@ -356,6 +356,23 @@ impl Poller {
                 return;
             }
         }
+        let mut hdr = hdr;
+        if first.cmd & tx_cmd::IL2TAG1 != 0 {
+            // Insert the 802.1Q tag after the MAC addresses; offsets move by 4.
+            let tag = [0x81, 0x00, (first.l2tag1 >> 8) as u8, first.l2tag1 as u8];
+            let at = VNET_HDR_LEN + 12;
+            if self.scratch.len() < at || total + 4 + VNET_HDR_LEN > MAX_FRAME_LEN {
+                c.tx_errors += 1;
+                return;
+            }
+            self.scratch.splice(at..at, tag);
+            if hdr.flags & emudev_netback::hdr::F_NEEDS_CSUM != 0 {
+                hdr.csum_start = (hdr.csum_start.get() + 4).into();
+            }
+            if hdr.gso_type != emudev_netback::hdr::gso::NONE {
+                hdr.hdr_len = (hdr.hdr_len.get() + 4).into();
+            }
+        }
         self.scratch[..VNET_HDR_LEN].copy_from_slice(hdr.as_bytes());
         let frame = &self.scratch[VNET_HDR_LEN..];
         c.tx_bytes += total as u64;
@@ -412,16 +429,26 @@ impl Poller {
                 }
             }
             let Some(rx) = io.rx.as_mut() else { continue };
+            let mut stripped = Vec::new();
             let mut sink = |frame: &[u8]| -> RxVerdict {
-                let Some(data) = frame.get(VNET_HDR_LEN..) else {
+                let Some(mut data) = frame.get(VNET_HDR_LEN..) else {
                     return RxVerdict::Taken;
                 };
                 if !policy.accepts(data) {
                     c.rx_filtered += 1;
                     return RxVerdict::Taken;
                 }
+                let tag = if policy.strip {
+                    rx::strip_vlan(data, &mut stripped)
+                } else {
+                    None
+                };
+                if tag.is_some() {
+                    data = &stripped;
+                }
                 let valid = frame.first().is_some_and(|f| f & F_DATA_VALID != 0);
-                let info = rx::classify(data, valid, policy);
+                let mut info = rx::classify(data, valid, policy);
+                info.l2tag1 = tag;
                 let t = info
                     .hash
                     .and_then(|h| policy.queue_for(h))
@@ -527,6 +554,7 @@ pub fn rx_frame(
             ptype: info.ptype,
             flags: info.flags,
             hash: info.hash.unwrap_or(0),
+            l2tag1: info.l2tag1,
         }
         .encode();
         let gpa = desc_gpa(i);

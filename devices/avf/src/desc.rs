@@ -225,6 +225,8 @@ pub fn fix_tso_template(frame: &mut [u8], first: &TxData) -> Result<(), OffloadE
 pub mod rx_status {
     pub const DD: u64 = 1 << 0;
     pub const EOF: u64 = 1 << 1;
+    /// The stripped VLAN tag is in qword0[31:16].
+    pub const L2TAG1P: u64 = 1 << 2;
     pub const L3L4P: u64 = 1 << 3;
     /// FLTSTAT = 3: RSS hash valid in qword0[63:32].
     pub const FLTSTAT_RSS: u64 = 3 << 12;
@@ -250,6 +252,8 @@ pub struct RxWriteback {
     pub flags: u64,
     /// RSS hash (qword0[63:32]) when FLTSTAT_RSS is set.
     pub hash: u32,
+    /// The VLAN TCI stripped from the frame (qword0[31:16], status L2TAG1P).
+    pub l2tag1: Option<u16>,
 }
 
 impl RxWriteback {
@@ -259,11 +263,15 @@ impl RxWriteback {
         if self.eof {
             q1 |= rx_status::EOF | (u64::from(self.ptype) << 30) | self.flags;
         }
-        let q0 = if self.eof && self.flags & rx_status::FLTSTAT_RSS == rx_status::FLTSTAT_RSS {
+        let mut q0 = if self.eof && self.flags & rx_status::FLTSTAT_RSS == rx_status::FLTSTAT_RSS {
             u64::from(self.hash) << 32
         } else {
             0
         };
+        if let (true, Some(tag)) = (self.eof, self.l2tag1) {
+            q0 |= u64::from(tag) << 16;
+            q1 |= rx_status::L2TAG1P;
+        }
         [q0, q1, 0, 0]
     }
 }
@@ -454,6 +462,7 @@ mod tests {
             ptype: 26,
             flags: rx_status::L3L4P | rx_status::FLTSTAT_RSS,
             hash: 0xdead_beef,
+            l2tag1: Some(0x2064),
         };
         let q = wb.encode();
         assert_eq!(q[1] & 1, 1, "DD");
@@ -463,6 +472,7 @@ mod tests {
         assert_eq!(q[1] >> 30 & 0xff, 26, "PTYPE");
         assert_eq!(q[1] >> 38 & 0x3fff, 1514, "LENGTH_PBUF");
         assert_eq!(q[0] >> 32, 0xdead_beef);
+        assert_eq!((q[0] >> 16 & 0xffff, q[1] >> 2 & 1), (0x2064, 1), "L2TAG1");
         // Not the last buffer: DD and length only.
         let mid = RxWriteback {
             len: 1536,

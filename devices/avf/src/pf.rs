@@ -15,6 +15,10 @@ pub const VSI_ID: u16 = 1;
 pub const MAX_FRAME: u16 = 9728;
 /// Most MAC filters a VF may hold.
 pub const MAX_MAC_FILTERS: usize = 256;
+/// Most VLAN filters a VF may hold.
+pub const MAX_VLAN_FILTERS: usize = 256;
+/// Largest VLAN id.
+pub const MAX_VLAN_ID: u16 = 4095;
 /// TX descriptor size.
 pub const TX_DESC_SIZE: u64 = 16;
 /// RX descriptor size (32-byte legacy format).
@@ -116,6 +120,10 @@ pub struct VfState {
     pub queues: Vec<QueuePair>,
     pub mac_filters: Vec<[u8; 6]>,
     pub primary_mac: [u8; 6],
+    /// VLAN ids from ADD_VLAN (honoured only when the VLAN capability was granted).
+    pub vlan_filters: Vec<u16>,
+    /// Strip the outer 802.1Q tag on receive (ENABLE_VLAN_STRIPPING).
+    pub vlan_strip: bool,
     pub promisc: u16,
     pub rss_key: Vec<u8>,
     pub rss_lut: Vec<u8>,
@@ -147,6 +155,8 @@ impl VfState {
             queues: Vec::new(),
             mac_filters: Vec::new(),
             primary_mac: cfg.mac,
+            vlan_filters: Vec::new(),
+            vlan_strip: false,
             promisc: 0,
             rss_key: Vec::new(),
             rss_lut: Vec::new(),
@@ -169,6 +179,8 @@ impl VfState {
         self.queues = vec![QueuePair::default(); usize::from(self.num_queue_pairs)];
         self.mac_filters.clear();
         self.primary_mac = self.cfg.mac;
+        self.vlan_filters.clear();
+        self.vlan_strip = false;
         self.promisc = 0;
         self.rss_key = vec![0; usize::from(vc::RSS_KEY_SIZE)];
         self.rss_lut = (0..vc::RSS_LUT_SIZE)
@@ -235,6 +247,20 @@ impl VfState {
             op::ADD_ETH_ADDR => status_only(opcode, self.eth_addr(msg, true)),
             op::DEL_ETH_ADDR => status_only(opcode, self.eth_addr(msg, false)),
             op::CONFIG_PROMISCUOUS_MODE => status_only(opcode, self.promisc(msg)),
+            op::ADD_VLAN
+            | op::DEL_VLAN
+            | op::ENABLE_VLAN_STRIPPING
+            | op::DISABLE_VLAN_STRIPPING
+                if self.caps & cap::VLAN == 0 =>
+            {
+                status_only(opcode, status::ERR_NOT_SUPPORTED)
+            }
+            op::ADD_VLAN => status_only(opcode, self.vlan(msg, true)),
+            op::DEL_VLAN => status_only(opcode, self.vlan(msg, false)),
+            op::ENABLE_VLAN_STRIPPING | op::DISABLE_VLAN_STRIPPING => {
+                self.vlan_strip = opcode == op::ENABLE_VLAN_STRIPPING;
+                status_only(opcode, status::SUCCESS)
+            }
             op::GET_STATS => self.get_stats(msg),
             op::CONFIG_RSS_KEY | op::CONFIG_RSS_LUT | op::CONFIG_RSS_HFUNC | op::SET_RSS_HENA
                 if self.caps & cap::RSS_PF == 0 =>
@@ -500,6 +526,40 @@ impl VfState {
             if list.iter().any(|e| e.addr == self.primary_mac) {
                 self.primary_mac = [0; 6];
             }
+        }
+        status::SUCCESS
+    }
+
+    fn vlan(&mut self, msg: &[u8], add: bool) -> i32 {
+        let Some((hdr, rest)) = vc::header::<vc::VlanFilterListHdr>(msg) else {
+            return status::ERR_PARAM;
+        };
+        let n = usize::from(hdr.num_elements.get());
+        if hdr.vsi_id.get() != VSI_ID || n == 0 {
+            return status::ERR_PARAM;
+        }
+        let Some(ids) = vc::elements::<zerocopy::little_endian::U16>(rest, n) else {
+            return status::ERR_PARAM;
+        };
+        if ids.iter().any(|v| v.get() > MAX_VLAN_ID) {
+            return status::ERR_PARAM;
+        }
+        if add {
+            let new = ids
+                .iter()
+                .filter(|v| !self.vlan_filters.contains(&v.get()))
+                .count();
+            if self.vlan_filters.len().saturating_add(new) > MAX_VLAN_FILTERS {
+                return status::ERR_NO_MEMORY;
+            }
+            for v in &ids {
+                if !self.vlan_filters.contains(&v.get()) {
+                    self.vlan_filters.push(v.get());
+                }
+            }
+        } else {
+            self.vlan_filters
+                .retain(|f| !ids.iter().any(|v| v.get() == *f));
         }
         status::SUCCESS
     }

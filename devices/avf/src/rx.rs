@@ -74,6 +74,11 @@ pub struct RxPolicy {
     pub filters: Vec<[u8; 6]>,
     /// CONFIG_PROMISCUOUS_MODE flags.
     pub promisc: u16,
+    /// VLAN ids accepted on tagged frames; `None` when the VF did not negotiate the VLAN
+    /// capability (no VLAN filtering).
+    pub vlans: Option<Vec<u16>>,
+    /// Strip the outer 802.1Q tag into the descriptor (ENABLE_VLAN_STRIPPING).
+    pub strip: bool,
     pub rss: Rss,
 }
 
@@ -94,21 +99,31 @@ impl RxPolicy {
             primary: vf.primary_mac,
             filters: vf.mac_filters.clone(),
             promisc: vf.promisc,
+            vlans: (vf.caps & crate::virtchnl::cap::VLAN != 0).then(|| vf.vlan_filters.clone()),
+            strip: vf.caps & crate::virtchnl::cap::VLAN != 0 && vf.vlan_strip,
             rss,
         }
     }
 
     /// MAC filtering: broadcast always; unicast to the primary or a listed address, or any
     /// with unicast promiscuous; multicast if listed, or any with multicast (allmulti) or
-    /// unicast promiscuous. Frames shorter than a MAC header are refused.
+    /// unicast promiscuous. Then VLAN filtering, when negotiated: an 802.1Q-tagged frame
+    /// needs its VLAN id listed (id 0, priority only, always passes; unicast promiscuous
+    /// takes every id). Frames shorter than a MAC header are refused.
     pub fn accepts(&self, frame: &[u8]) -> bool {
         let Some(dst) = frame.get(..6) else {
             return false;
         };
-        if dst == [0xff; 6] {
+        if self.promisc & PROMISC_UNICAST != 0 {
             return true;
         }
-        if self.promisc & PROMISC_UNICAST != 0 {
+        if let (Some(list), Some(tci)) = (&self.vlans, vlan_tci(frame)) {
+            let vid = tci & 0x0fff;
+            if vid != 0 && !list.contains(&vid) {
+                return false;
+            }
+        }
+        if dst == [0xff; 6] {
             return true;
         }
         let listed = self.filters.iter().any(|m| m == dst);
@@ -130,6 +145,23 @@ impl RxPolicy {
     }
 }
 
+/// The TCI of an 802.1Q-tagged frame.
+pub fn vlan_tci(frame: &[u8]) -> Option<u16> {
+    match frame.get(12..16)? {
+        [0x81, 0x00, hi, lo] => Some(u16::from_be_bytes([*hi, *lo])),
+        _ => None,
+    }
+}
+
+/// The frame without its 802.1Q tag, in `out`, and the tag; `None` if it is not tagged.
+pub fn strip_vlan(frame: &[u8], out: &mut Vec<u8>) -> Option<u16> {
+    let tci = vlan_tci(frame)?;
+    out.clear();
+    out.extend_from_slice(frame.get(..12)?);
+    out.extend_from_slice(frame.get(16..)?);
+    Some(tci)
+}
+
 /// What the EOF write-back reports for a frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RxInfo {
@@ -138,6 +170,8 @@ pub struct RxInfo {
     pub flags: u64,
     /// RSS hash (FLTSTAT = 3) when the packet type is enabled in HENA.
     pub hash: Option<u32>,
+    /// VLAN TCI stripped from the frame.
+    pub l2tag1: Option<u16>,
 }
 
 /// Standard Toeplitz hash of `input` with `key` (bytes past the key's end count as zero).
@@ -452,6 +486,8 @@ pub(crate) mod tests {
             primary: ME,
             filters: vec![ME, [0x33, 0x33, 0, 0, 0, 1]],
             promisc: 0,
+            vlans: None,
+            strip: false,
             rss: Rss {
                 key: MS_KEY.to_vec(),
                 lut: (0..64).map(|i| (i % 4) as u8).collect(),
@@ -631,6 +667,39 @@ pub(crate) mod tests {
             !p.accepts(&frame([0; 6])),
             "all-zero primary matches nothing"
         );
+    }
+
+    #[test]
+    fn vlan_filter_and_strip() {
+        let mut p = policy();
+        let tagged = |vid: u16| {
+            let mut f = ME.to_vec();
+            f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 9, 0x81, 0x00]);
+            f.extend_from_slice(&(0x2000 | vid).to_be_bytes());
+            f.extend_from_slice(&[0x08, 0x06]);
+            f.extend_from_slice(&[0; 28]);
+            f
+        };
+        assert!(
+            p.accepts(&tagged(100)),
+            "no VLAN capability: no VLAN filtering"
+        );
+        p.vlans = Some(vec![100]);
+        assert!(p.accepts(&tagged(100)));
+        assert!(!p.accepts(&tagged(101)), "unlisted VLAN id");
+        assert!(p.accepts(&tagged(0)), "priority tag");
+        let mut untagged = ME.to_vec();
+        untagged.extend_from_slice(&[0; 8]);
+        assert!(p.accepts(&untagged));
+        p.promisc = PROMISC_UNICAST;
+        assert!(p.accepts(&tagged(101)), "promiscuous takes every VLAN");
+        let mut out = Vec::new();
+        let f = tagged(100);
+        assert_eq!(strip_vlan(&f, &mut out), Some(0x2064));
+        assert_eq!(out.len(), f.len() - 4);
+        assert_eq!(&out[..12], &f[..12]);
+        assert_eq!(&out[12..], &f[16..]);
+        assert_eq!(strip_vlan(&untagged, &mut out), None);
     }
 
     #[test]

@@ -380,18 +380,18 @@ fn register_file_semantics() {
 fn version_and_resources_match_the_byte_image() {
     let mut d = Drv::new(1);
     let res = d.negotiate();
-    // Appendix B, with RSS_PF granted since the device implements it (0x800A1).
+    // Appendix B, with VLAN and RSS_PF granted since the device implements them (0x900A1).
     let mut want = vec![
-        0x01, 0x00, 0x01, 0x00, 0x02, 0x00, 0x00, 0x26, 0xa1, 0x00, 0x08, 0x00, 0x34, 0x00, 0x00,
+        0x01, 0x00, 0x01, 0x00, 0x02, 0x00, 0x00, 0x26, 0xa1, 0x00, 0x09, 0x00, 0x34, 0x00, 0x00,
         0x00, 0x40, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00,
     ];
     want.extend_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
     assert_eq!(res, want);
-    assert_eq!(d.ip.with_device(|dev| dev.vf_state().caps), 0x800A1);
-    // v1.0 request: no payload; treated as L2|VLAN requested, L2 granted.
+    assert_eq!(d.ip.with_device(|dev| dev.vf_state().caps), 0x900A1);
+    // v1.0 request: no payload; treated as L2|VLAN requested, both granted.
     let (st, res) = d.call(op::GET_VF_RESOURCES, &[]);
     assert_eq!(st, status::SUCCESS);
-    assert_eq!(&res[8..12], &cap::L2.to_le_bytes());
+    assert_eq!(&res[8..12], &(cap::L2 | cap::VLAN).to_le_bytes());
     // A 1.0 VF gets 1.0.
     let v = vc::VersionInfo {
         major: 1.into(),
@@ -1090,7 +1090,11 @@ fn head_reads_right_after_a_doorbell_see_its_effect() {
             ..AqDesc::default()
         });
         assert_eq!(d.rd(VF_ATQH), (i + 1) % RING, "round {round}: ATQ head");
-        assert_eq!(d.rd(VF_ARQH), (d.arq_ntc + 1) % RING, "round {round}: reply");
+        assert_eq!(
+            d.rd(VF_ARQH),
+            (d.arq_ntc + 1) % RING,
+            "round {round}: reply"
+        );
         let (o, st, _) = d.recv();
         assert_eq!((o, st), (op::VERSION, status::SUCCESS));
     }
@@ -1835,5 +1839,112 @@ mod datapath {
         let s = stats(&mut d);
         assert_eq!((s.tx_unicast.get(), s.rx_unicast.get()), (1, 1));
         ok(eng.destroy().wait_timeout(TIMEOUT));
+    }
+
+    /// Legacy VLAN capability: ADD/DEL_VLAN filter tagged receive, stripping moves the tag
+    /// into the descriptor, and IL2TAG1 inserts it on transmit with the offsets shifted.
+    #[test]
+    fn vlan_filters_stripping_and_insertion() {
+        use crate::rx::tests::ipv4;
+        let mock = Mock::default();
+        let mut d = running(&mock);
+        let vlans = |ids: &[u16], n: u16| {
+            let mut m = vc::VlanFilterListHdr {
+                vsi_id: 1.into(),
+                num_elements: n.into(),
+            }
+            .as_bytes()
+            .to_vec();
+            for id in ids {
+                m.extend_from_slice(&id.to_le_bytes());
+            }
+            m
+        };
+        assert_eq!(
+            d.status(op::ADD_VLAN, &vlans(&[100, 200], 2)),
+            status::SUCCESS
+        );
+        assert_eq!(
+            d.status(op::ADD_VLAN, &vlans(&[4096], 1)),
+            status::ERR_PARAM
+        );
+        assert_eq!(
+            d.status(op::ADD_VLAN, &vlans(&[1], 2)),
+            status::ERR_PARAM,
+            "short"
+        );
+        assert_eq!(d.status(op::DEL_VLAN, &vlans(&[200], 1)), status::SUCCESS);
+        assert_eq!(d.status(op::ENABLE_VLAN_STRIPPING, &[]), status::SUCCESS);
+        let tagged = |vid: u16| {
+            let f = ipv4(17, 8, b"tagged", ME);
+            let mut t = f[..12].to_vec();
+            t.extend_from_slice(&[0x81, 0x00]);
+            t.extend_from_slice(&(0x6000 | vid).to_be_bytes());
+            t.extend_from_slice(&f[12..]);
+            (t, f)
+        };
+        let (t200, _) = tagged(200);
+        let (t100, plain) = tagged(100);
+        put_frame(&mock, 0, &t200);
+        put_frame(&mock, 0, &t100);
+        d.wr(QRX_TAIL, 63);
+        assert!(wait_until(|| rx_qw(&d, 0, 0).1 & 1 == 1));
+        let (q0, q1) = rx_qw(&d, 0, 0);
+        assert_eq!(q1 >> 2 & 1, 1, "L2TAG1P");
+        assert_eq!(q0 >> 16 & 0xffff, 0x6000 | 100, "TCI in qword0");
+        assert_eq!(q1 >> 38 & 0x3fff, plain.len() as u64, "tag stripped");
+        assert_eq!(d.get(rx_buf(0, 0), plain.len()), plain);
+        assert_eq!(
+            d.ip.with_device(|dev| dev.attr("rx_filtered")).as_deref(),
+            Some("1"),
+            "VLAN 200 was deleted"
+        );
+        // Stripping off: the tag stays in the frame.
+        assert_eq!(d.status(op::DISABLE_VLAN_STRIPPING, &[]), status::SUCCESS);
+        put_frame(&mock, 0, &t100);
+        d.wr(QRX_TAIL, 63);
+        assert!(wait_until(|| rx_qw(&d, 0, 1).1 & 1 == 1));
+        assert_eq!(rx_qw(&d, 0, 1).1 >> 2 & 1, 0);
+        assert_eq!(d.get(rx_buf(0, 1), t100.len()), t100);
+        // TX: IL2TAG1 with a checksum request.
+        let out = ipv4(17, 8, &[1; 40], [0x52, 0x54, 0, 0, 0, 9]);
+        d.put(0x28_0000, &out);
+        let cmd = tx_cmd::IIPT_IPV4 | tx_cmd::L4T_UDP | tx_cmd::IL2TAG1 | tx_cmd::EOP | tx_cmd::RS;
+        tx_desc(
+            &d,
+            0,
+            0x28_0000,
+            data_qw1(cmd, out.len() as u64) | (0x6064u64 << 48),
+        );
+        d.wr(QTX_TAIL, 1);
+        assert!(wait_until(|| !mock
+            .sent
+            .lock()
+            .map(|s| s.is_empty())
+            .unwrap_or(true)));
+        let sent = mock.sent.lock().map(|s| s.clone()).unwrap_or_default();
+        let hdr = ok(VirtioNetHdr::read_from_bytes(&sent[0][..VNET_HDR_LEN]));
+        let f = &sent[0][VNET_HDR_LEN..];
+        assert_eq!(&f[12..16], &[0x81, 0x00, 0x60, 0x64]);
+        assert_eq!(&f[16..], &out[12..]);
+        assert_eq!((hdr.csum_start.get(), hdr.csum_offset.get()), (38, 6));
+    }
+
+    #[test]
+    fn vlan_messages_need_the_capability() {
+        let mut d = Drv::new(1);
+        d.call(
+            op::VERSION,
+            vc::VersionInfo {
+                major: 1.into(),
+                minor: 1.into(),
+            }
+            .as_bytes(),
+        );
+        let (st, _) = d.call(op::GET_VF_RESOURCES, &cap::L2.to_le_bytes());
+        assert_eq!(st, status::SUCCESS);
+        for o in [op::ADD_VLAN, op::ENABLE_VLAN_STRIPPING] {
+            assert_eq!(d.status(o, &[1, 0, 1, 0, 5, 0]), status::ERR_NOT_SUPPORTED);
+        }
     }
 }

@@ -17,6 +17,8 @@ pub mod op {
     pub const DISABLE_QUEUES: u32 = 9;
     pub const ADD_ETH_ADDR: u32 = 10;
     pub const DEL_ETH_ADDR: u32 = 11;
+    pub const ADD_VLAN: u32 = 12;
+    pub const DEL_VLAN: u32 = 13;
     pub const CONFIG_PROMISCUOUS_MODE: u32 = 14;
     pub const GET_STATS: u32 = 15;
     pub const EVENT: u32 = 17;
@@ -25,6 +27,8 @@ pub mod op {
     pub const CONFIG_RSS_LUT: u32 = 24;
     pub const GET_RSS_HENA_CAPS: u32 = 25;
     pub const SET_RSS_HENA: u32 = 26;
+    pub const ENABLE_VLAN_STRIPPING: u32 = 27;
+    pub const DISABLE_VLAN_STRIPPING: u32 = 28;
     pub const REQUEST_QUEUES: u32 = 29;
 }
 
@@ -48,7 +52,7 @@ pub mod cap {
     pub const VLAN: u32 = 1 << 16;
     pub const RSS_PF: u32 = 1 << 19;
     /// What this device implements; grants are `requested & IMPLEMENTED`.
-    pub const IMPLEMENTED: u32 = L2 | WB_ON_ITR | ADV_LINK_SPEED | RSS_PF;
+    pub const IMPLEMENTED: u32 = L2 | WB_ON_ITR | ADV_LINK_SPEED | VLAN | RSS_PF;
 }
 
 /// PF event codes (`virtchnl_pf_event.event`).
@@ -191,6 +195,14 @@ pub struct EtherAddr {
 
 /// `EtherAddr::kind` values (low 2 bits).
 pub const ETH_ADDR_PRIMARY: u8 = 1;
+
+/// `virtchnl_vlan_filter_list` header (4 bytes); u16 VLAN ids follow.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct VlanFilterListHdr {
+    pub vsi_id: U16,
+    pub num_elements: U16,
+}
 
 /// `virtchnl_promisc_info` (4 bytes).
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
