@@ -79,7 +79,8 @@ pub enum IrqPolicy {
 /// eventfds. The window adapts per thread between `idle_before_sleep` and `max_idle_spin`
 /// (see [`SpinWindow`]): it grows when work came shortly after the thread went to sleep (a
 /// longer spin would have caught it without a kick and a wakeup) and shrinks when the thread
-/// slept longer than any window could cover. Equal bounds give a fixed window.
+/// slept longer than any window could cover, or when idle polling used more than
+/// `spin_budget_pct` of the thread's wall time. Equal bounds give a fixed window.
 #[derive(Debug, Clone, Copy)]
 pub struct PollerConfig {
     /// Chains handed to a handler per burst.
@@ -89,9 +90,14 @@ pub struct PollerConfig {
     /// Longest idle window the adaptation may reach; below `idle_before_sleep` it is raised
     /// to it.
     pub max_idle_spin: Duration,
+    /// Share of wall time (percent, 1..=100) a thread may spend polling idle queues before its
+    /// window stops growing and shrinks. On a host whose cores are shared with the vCPUs
+    /// (2-core TCG machines) idle polling takes CPU from the guest, and measured QD1 latency
+    /// got worse with long spins; with dedicated cores raise it (100: no limit).
+    pub spin_budget_pct: u8,
     /// Give the CPU to other runnable threads (`sched_yield`) between idle polls once the
-    /// thread has been idle this long, so spinning does not starve vCPU threads on an
-    /// oversubscribed host. `None`: never yield.
+    /// thread has been idle this long. `None` (default): never. Measured harmful on a loaded
+    /// host: a yielding poller with notifications off can lose the CPU for a whole slice.
     pub yield_after: Option<Duration>,
     pub irq: IrqPolicy,
 }
@@ -102,7 +108,8 @@ impl Default for PollerConfig {
             budget: 64,
             idle_before_sleep: Duration::from_micros(DEFAULT_MIN_SPIN_US),
             max_idle_spin: Duration::from_micros(DEFAULT_MAX_SPIN_US),
-            yield_after: Some(Duration::from_micros(DEFAULT_YIELD_AFTER_US)),
+            spin_budget_pct: DEFAULT_SPIN_BUDGET_PCT,
+            yield_after: None,
             irq: IrqPolicy::EndOfBurst,
         }
     }
@@ -130,31 +137,52 @@ impl PollerConfig {
     }
 }
 
-/// Default lower bound of the idle window, µs.
-pub const DEFAULT_MIN_SPIN_US: u64 = 10;
+/// Default lower bound of the idle window, µs (the fixed window of earlier versions).
+pub const DEFAULT_MIN_SPIN_US: u64 = 50;
 /// Default upper bound of the idle window, µs.
 pub const DEFAULT_MAX_SPIN_US: u64 = 1000;
-/// Default idle time after which idle polls yield the CPU, µs.
-pub const DEFAULT_YIELD_AFTER_US: u64 = 20;
+/// Default idle-polling budget, percent of wall time.
+pub const DEFAULT_SPIN_BUDGET_PCT: u8 = 10;
+/// Period over which the idle-polling budget is accounted.
+const BUDGET_PERIOD: Duration = Duration::from_millis(100);
 
 /// The adaptive idle window of one poller thread.
 ///
 /// The gap a sleep ended is the idle time before it (the window) plus the time asleep. A
 /// wakeup by work whose gap is within `max` means a window of about that gap would have
 /// avoided the sleep and its kick: the window grows to cover it (at least doubling). A gap
-/// beyond `max` means spinning could not have helped: the window halves. Bounded by
-/// `[min, max]`.
+/// beyond `max` means spinning could not have helped: the window halves. Independently, idle
+/// polling is accounted per [`BUDGET_PERIOD`]: a period over the budget halves the window
+/// and blocks growth until a period stays within it. Bounded by `[min, max]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpinWindow {
     cur: Duration,
     min: Duration,
     max: Duration,
+    budget_pct: u32,
+    period_start: Option<Instant>,
+    spun: Duration,
+    over_budget: bool,
 }
 
 impl SpinWindow {
     pub fn new(min: Duration, max: Duration) -> Self {
+        Self::with_budget(min, max, 100)
+    }
+
+    /// A window whose idle polling may use `budget_pct` percent of wall time (clamped to
+    /// 1..=100; 100 means no limit).
+    pub fn with_budget(min: Duration, max: Duration, budget_pct: u8) -> Self {
         let max = max.max(min);
-        Self { cur: min, min, max }
+        Self {
+            cur: min,
+            min,
+            max,
+            budget_pct: u32::from(budget_pct.clamp(1, 100)),
+            period_start: None,
+            spun: Duration::ZERO,
+            over_budget: false,
+        }
     }
 
     /// The current window.
@@ -165,12 +193,33 @@ impl SpinWindow {
     /// The thread slept after idling `idle` and was woken by work after `slept`.
     pub fn woken_by_work(&mut self, idle: Duration, slept: Duration) {
         let gap = idle.saturating_add(slept);
-        if gap <= self.max {
+        if gap <= self.max && !self.over_budget {
             let want = gap.saturating_add(gap / 4).max(self.cur.saturating_mul(2));
             self.cur = want.min(self.max);
-        } else {
+        } else if gap > self.max {
             self.cur = (self.cur / 2).max(self.min);
         }
+    }
+
+    /// The thread polled idle queues for `idle` (ending in work or in a sleep) at `now`.
+    pub fn spun(&mut self, idle: Duration, now: Instant) {
+        if self.budget_pct >= 100 {
+            return;
+        }
+        self.spun = self.spun.saturating_add(idle);
+        let start = *self.period_start.get_or_insert(now);
+        let wall = now.saturating_duration_since(start);
+        if wall < BUDGET_PERIOD {
+            return;
+        }
+        // spun / wall > budget / 100, in integer nanoseconds (u128: no overflow).
+        self.over_budget =
+            self.spun.as_nanos() * 100 > wall.as_nanos() * u128::from(self.budget_pct);
+        if self.over_budget {
+            self.cur = (self.cur / 2).max(self.min);
+        }
+        self.period_start = Some(now);
+        self.spun = Duration::ZERO;
     }
 }
 
@@ -285,17 +334,6 @@ impl PollerPool {
     }
 
     pub fn with_config(n_threads: usize, cfg: PollerConfig) -> std::io::Result<Arc<Self>> {
-        // TEMP-PERF-EXPERIMENT (remove): EMUDEV_POLL_EXP=min_us,max_us,yield_us(0=off)
-        let mut cfg = cfg;
-        if let Ok(v) = std::env::var("EMUDEV_POLL_EXP") {
-            let p: Vec<u64> = v.split(',').filter_map(|x| x.parse().ok()).collect();
-            if p.len() == 3 {
-                cfg.idle_before_sleep = Duration::from_micros(p[0]);
-                cfg.max_idle_spin = Duration::from_micros(p[1]);
-                cfg.yield_after = (p[2] > 0).then(|| Duration::from_micros(p[2]));
-                eprintln!("poller experiment: {cfg:?}");
-            }
-        }
         let mut threads = Vec::new();
         for i in 0..n_threads.max(1) {
             let (tx, rx) = unbounded();
@@ -643,10 +681,16 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self) {
-        let mut window = SpinWindow::new(self.cfg.idle_before_sleep, self.cfg.max_idle_spin);
+        let mut window = SpinWindow::with_budget(
+            self.cfg.idle_before_sleep,
+            self.cfg.max_idle_spin,
+            self.cfg.spin_budget_pct,
+        );
         self.publish_window(&window);
         let mut last_work = Instant::now();
         let mut awake_since = Instant::now();
+        // End of the last iteration that found nothing, since `last_work`.
+        let mut last_idle: Option<Instant> = None;
         loop {
             if !self.handle_ctl() {
                 return;
@@ -655,12 +699,18 @@ impl Worker {
             bump(&self.stats.iterations, 1);
             let now = Instant::now();
             if work > 0 {
+                if let Some(t) = last_idle.take() {
+                    window.spun(t.saturating_duration_since(last_work), now);
+                }
                 last_work = now;
                 continue;
             }
+            last_idle = Some(now);
             let idle = now.duration_since(last_work);
             if idle >= window.get() {
                 if let Some(wake) = self.try_sleep(now.duration_since(awake_since)) {
+                    window.spun(idle, now);
+                    last_idle = None;
                     if wake.by_work {
                         window.woken_by_work(idle, wake.slept);
                         self.publish_window(&window);
@@ -1253,6 +1303,21 @@ mod tests {
             w.woken_by_work(w.get(), Duration::from_secs(1));
         }
         assert_eq!(w.get(), us(10));
+        // Over the idle-polling budget: the window halves and stops growing until a
+        // period stays within it.
+        let t0 = Instant::now();
+        let mut b = SpinWindow::with_budget(us(10), us(1000), 10);
+        b.woken_by_work(us(10), us(190));
+        assert_eq!(b.get(), us(250));
+        b.spun(us(60_000), t0); // opens the period
+        b.spun(us(1), t0 + BUDGET_PERIOD); // 60 ms of 100: over 10 %
+        assert_eq!(b.get(), us(125));
+        b.woken_by_work(us(125), us(100));
+        assert_eq!(b.get(), us(125), "grew while over budget");
+        b.spun(us(5_000), t0 + BUDGET_PERIOD * 2); // 5 %: within
+        assert_eq!(b.get(), us(125));
+        b.woken_by_work(us(125), us(100));
+        assert_eq!(b.get(), Duration::from_nanos(281_250));
         // Bounds given the wrong way round make a fixed window.
         let mut f = SpinWindow::new(us(50), us(20));
         f.woken_by_work(us(50), us(5));
@@ -1277,6 +1342,7 @@ mod tests {
         let cfg = PollerConfig {
             idle_before_sleep: Duration::from_micros(10),
             max_idle_spin: Duration::from_millis(50),
+            spin_budget_pct: 100,
             ..PollerConfig::default()
         };
         let (pool, mut eng) = pool_with(cfg, &mem);
