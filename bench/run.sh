@@ -22,7 +22,8 @@
 # time on a shared machine): do not run it under that lock yourself. The default run takes
 # about 25 minutes on a 2-core machine. Run lengths (environment): RUNS (3) runs per figure;
 # RUNTIME (5) s per fio run, RAMP (1); NET_SECS (5) s per iperf3 run; CORE_REQUESTS (256000)
-# per core run; CG_REQUESTS (32000); PROTO_OPS (20000) per protocol run; SCALE_IDLE (5) s.
+# per core run; CG_REQUESTS (32000); PROTO_OPS (20000) per protocol run; SCALE_IDLE (5) s;
+# JOBS, CONFIGS, QUEUES: see bench/guest-blk.sh; BENCH_OUT_DIR (target/bench-report).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
         --report-only) REPORT_ONLY=1 ;;
         --quick) QUICK=1 ;;
         --only) ONLY=${2:?--only needs a list}; KEEP=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -42,7 +43,7 @@ if [ "$QUICK" = 1 ]; then
     RUNS=${RUNS:-1} RUNTIME=${RUNTIME:-2} RAMP=${RAMP:-1} NET_SECS=${NET_SECS:-2}
     CORE_REQUESTS=${CORE_REQUESTS:-32000} CG_REQUESTS=${CG_REQUESTS:-3200}
     PROTO_OPS=${PROTO_OPS:-2000} SCALE_IDLE=${SCALE_IDLE:-2} SCALE_BUSY=${SCALE_BUSY:-1}
-    JOBS=${JOBS:-randread-qd1-j1 randread-qd32-j2}
+    export JOBS=${JOBS:-randread-qd1-j1 randread-qd32-j2}
 fi
 RUNS=${RUNS:-3}
 export RUNTIME=${RUNTIME:-5} RAMP=${RAMP:-1}
@@ -55,7 +56,7 @@ SCALE_IDLE=${SCALE_IDLE:-5}
 SCALE_BUSY=${SCALE_BUSY:-2}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release
-OUT=$ROOT/target/bench-report
+OUT=${BENCH_OUT_DIR:-$ROOT/target/bench-report}
 LOCK=${BENCH_LOCK:-/tmp/emudev-guest.lock}
 T0=$(date +%s)
 STAGE=0 NSTAGES=$(( $(tr ',' '\n' <<<"$ONLY" | grep -c .) + 2 ))
@@ -105,7 +106,15 @@ fi
 [ "$KEEP" = 1 ] || rm -rf "$OUT"
 mkdir -p "$OUT"
 ENV=$OUT/machine.env
-[ "$KEEP" = 1 ] && { echo "RERUN=$ONLY at $(date -u '+%H:%M')" >>"$ENV"; rm -f "$OUT/lock-wait.txt"; }
+KEEP_ENV=0
+if [ "$KEEP" = 1 ] && [ -f "$ENV" ]; then
+    # Keep the first run's description; record the rerun (report.py takes the last value of a key).
+    KEEP_ENV=1
+    echo "RERUN=$ONLY at $(date -u '+%H:%M'), commit $(git rev-parse --short HEAD 2>/dev/null)" >>"$ENV"
+    rm -f "$OUT/lock-wait.txt"
+else
+    : >"$ENV"
+fi
 {
     echo "DATE=$(date -u '+%Y-%m-%d %H:%M')"
     echo "COMMIT=$(git rev-parse --short HEAD 2>/dev/null)$( [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (+ uncommitted changes)')"
@@ -118,7 +127,7 @@ ENV=$OUT/machine.env
     echo "LOAD=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "QUICK=$QUICK"
     echo "RUNS=$RUNS"
-} >"$ENV"
+} | { if [ "$KEEP_ENV" = 1 ]; then grep -E '^(QUICK|RUNS)='; else cat; fi; } >>"$ENV"
 
 stage "setup: host packages, guest cache, release build into $TARGET"
 need_pkg valgrind valgrind || progress "WARNING: no valgrind: no instruction counts"
@@ -152,12 +161,13 @@ if want core; then
         --burst "$CORE_BURST" >"$OUT/core.txt" 2>&1 || { cat "$OUT/core.txt"; die "bench-core failed"; }
     sed 's/^/  /' "$OUT/core.txt"
     if command -v valgrind >/dev/null; then
+        # Instruction counts do not depend on load: no lock.
         printf 'mix\tside\trequests\tIr\n' >"$OUT/callgrind.tsv"
         for mix in read write ring; do
             for side in ours ref; do
                 fn=emudev_bench_loop_$side; [ "$mix" = ring ] && fn=${fn}_ring
                 f=$OUT/callgrind.$mix.$side.out
-                locked valgrind --tool=callgrind --callgrind-out-file="$f" --collect-atstart=no \
+                valgrind --tool=callgrind --callgrind-out-file="$f" --collect-atstart=no \
                     --toggle-collect="$fn" "$BIN/bench-core" \
                     --mix "$mix" --requests "$CG_REQUESTS" --burst "$CORE_BURST" --runs 1 \
                     --warmup 0 --only "$side" >"$OUT/callgrind.$mix.$side.log" 2>&1 \
@@ -173,10 +183,13 @@ fi
 if want scale; then
     stage "scale: 1, 4, 16 devices on one poller (in-process), idle ${SCALE_IDLE}s, $RUNS x ${SCALE_BUSY}s busy"
     : >"$OUT/scale.txt"
-    for n in 1 4 16; do
-        locked "$BIN/bench-scale" --devices "$n" --idle-secs "$SCALE_IDLE" --busy-secs "$SCALE_BUSY" \
-            --runs "$RUNS" >>"$OUT/scale.txt" 2>&1 || progress "WARNING: bench-scale --devices $n failed"
-    done
+    scale_all() {
+        for n in 1 4 16; do
+            "$BIN/bench-scale" --devices "$n" --idle-secs "$SCALE_IDLE" --busy-secs "$SCALE_BUSY" \
+                --runs "$RUNS" >>"$OUT/scale.txt" 2>&1 || progress "WARNING: bench-scale --devices $n failed"
+        done
+    }
+    locked scale_all
     sed 's/^/  /' "$OUT/scale.txt"
 fi
 
@@ -219,7 +232,7 @@ echo "LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$ENV"
 waits=("$OUT/lock-wait.txt"); want blk && waits+=("$OUT/guest/lock-wait.txt")
 waited=$(cat "${waits[@]}" 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
 el=$(( $(date +%s) - T0 - waited ))
-[ "$KEEP" = 1 ] && echo "ELAPSED_RERUN=$((el / 60)) min $((el % 60)) s ($ONLY)" >>"$ENV" ||
+[ "$KEEP_ENV" = 1 ] && echo "ELAPSED_RERUN=$((el / 60)) min $((el % 60)) s ($ONLY)" >>"$ENV" ||
 echo "ELAPSED=$((el / 60)) min $((el % 60)) s (plus $((waited / 60)) min $((waited % 60)) s waiting for other users of the guest lock)" >>"$ENV"
 stage "report"
 report
