@@ -287,6 +287,11 @@ impl QueueHandler for RxHandler {
         (b.frames + b.filtered + b.dropped + b.offload + b.link + b.faults) as usize
     }
 
+    /// With room in the ring, receive buffers wait for frames from the backend's wake fd.
+    fn avail_is_idle(&self) -> bool {
+        !self.starved && self.rx.wake_fd().is_some()
+    }
+
     fn wake_fd(&self) -> Option<RawFd> {
         if self.starved {
             None

@@ -53,6 +53,14 @@ pub trait QueueHandler: Send {
 
     /// The queue switched to a new memory snapshot (no request was in flight).
     fn memory_changed(&mut self, _mem: &Arc<GuestMemory>) {}
+
+    /// True when the buffers the driver made available are not work by themselves: the
+    /// handler fills them only when its [`QueueHandler::wake_fd`] (a backend) has data, as a
+    /// NIC's receive queue with room does. The poller then sleeps with buffers available
+    /// instead of spinning on them.
+    fn avail_is_idle(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the handler of each started queue.
@@ -994,7 +1002,11 @@ impl Worker {
         let mut busy = false;
         for s in &mut self.slots {
             let paused = self.devs.get(&s.dev).is_some_and(DevCtl::quiescing);
-            if !paused && s.queue.error().is_none() && s.queue.enable_notifications() {
+            if !paused
+                && s.queue.error().is_none()
+                && s.queue.enable_notifications()
+                && !s.handler.avail_is_idle()
+            {
                 busy = true;
             }
         }
@@ -1384,6 +1396,80 @@ mod tests {
                     .map(|r| r.trim_start().starts_with('S'))
             })
             .unwrap_or(false)
+    }
+
+    /// Fills an available buffer only when its wake eventfd has data (a NIC receive queue).
+    struct BackendFed {
+        wake: Arc<nix::sys::eventfd::EventFd>,
+        chain: DescChain,
+    }
+
+    impl QueueHandler for BackendFed {
+        fn process(&mut self, q: &mut Queue, _budget: usize) -> usize {
+            if self.wake.read().is_err() {
+                return 0;
+            }
+            match q.pop_into(&mut self.chain) {
+                Ok(true) => {
+                    q.add_used(self.chain.head(), 0);
+                    1
+                }
+                _ => 0,
+            }
+        }
+        fn wake_fd(&self) -> Option<RawFd> {
+            Some(self.wake.as_fd().as_raw_fd())
+        }
+        fn avail_is_idle(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn available_buffers_waiting_for_a_backend_let_the_poller_sleep() {
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        let mem = anon_memory(BASE, MEM);
+        let wake = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .unwrap(),
+        );
+        let w = wake.clone();
+        let mut s = setup(
+            mem.clone(),
+            Box::new(move |_, _| {
+                Box::new(BackendFed {
+                    wake: w.clone(),
+                    chain: DescChain::new(),
+                })
+            }),
+        );
+        let mut d = SplitDriver::new(mem.clone(), BASE, 16);
+        let kick = Kick::new().unwrap();
+        let (_irqs, notifier) = counter();
+        s.eng
+            .queue_start(0, d.config(), notifier, kick.clone())
+            .wait_timeout(T)
+            .unwrap();
+        // Receive buffers posted, nothing to receive: the poller must sleep, not spin.
+        for i in 0..8 {
+            d.add_chain(&[Buf::w(DATA + 0x100 * i, 64)]);
+        }
+        kick.signal();
+        assert!(wait_until(|| pool_asleep(&s.pool)), "poller never slept");
+        let c0 = s.pool.thread_cpu_time(0).unwrap();
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let share =
+            (s.pool.thread_cpu_time(0).unwrap() - c0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        assert!(
+            share < 0.02,
+            "idle receive queue: {:.1}% CPU",
+            share * 100.0
+        );
+        // The backend's data wakes it and a buffer is filled.
+        wake.write(1).unwrap();
+        assert_eq!(collect(&mut d, 1).len(), 1);
+        s.eng.destroy().wait_timeout(T).unwrap();
     }
 
     #[test]
