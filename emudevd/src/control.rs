@@ -20,6 +20,7 @@
 //! than [`MAX_LINE`] bytes end the connection after an error reply; malformed JSON only
 //! gets an error reply.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -497,13 +498,17 @@ struct ClientSlot {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Connected clients by id. A client's thread removes its own slot when it ends, so a
+/// closed connection's fds are released at once, not at the next accept.
+type Clients = Arc<Mutex<BTreeMap<u64, ClientSlot>>>;
+
 /// The running control socket.
 pub struct Control {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
-    clients: Arc<Mutex<Vec<ClientSlot>>>,
+    clients: Clients,
 }
 
 impl Control {
@@ -527,7 +532,7 @@ impl Control {
             }
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let clients: Arc<Mutex<Vec<ClientSlot>>> = Arc::default();
+        let clients: Clients = Arc::default();
         let (s, w, c) = (stop.clone(), wake.clone(), clients.clone());
         let thread = std::thread::Builder::new()
             .name("emudevd-control".into())
@@ -555,10 +560,10 @@ impl Control {
         }
         let slots =
             std::mem::take(&mut *self.clients.lock().unwrap_or_else(PoisonError::into_inner));
-        for s in &slots {
+        for s in slots.values() {
             let _ = s.stream.shutdown(std::net::Shutdown::Both);
         }
-        for mut s in slots {
+        for (_, mut s) in slots {
             if let Some(t) = s.thread.take() {
                 let _ = t.join();
             }
@@ -572,7 +577,7 @@ fn accept_loop(
     reg: Arc<Registry>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
-    clients: Arc<Mutex<Vec<ClientSlot>>>,
+    clients: Clients,
 ) {
     let mut next_id = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -598,17 +603,8 @@ fn accept_loop(
                 continue;
             }
         };
+        // Held until the new slot is in: its thread cannot remove the slot before that.
         let mut slots = clients.lock().unwrap_or_else(PoisonError::into_inner);
-        // Forget clients that have left.
-        slots.retain_mut(|s| match &s.thread {
-            Some(t) if t.is_finished() => {
-                if let Some(t) = s.thread.take() {
-                    let _ = t.join();
-                }
-                false
-            }
-            _ => true,
-        });
         if stream.set_nonblocking(false).is_err() {
             continue;
         }
@@ -623,18 +619,31 @@ fn accept_loop(
         let id = next_id;
         next_id += 1;
         let r = reg.clone();
+        let mine = clients.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("emudevd-ctl{id}"))
             .spawn(move || {
                 if let Err(e) = serve_client(&r, stream) {
                     log::debug!("control client {id}: {e}");
                 }
+                // Our slot (the watch clone of the stream, and our own handle, which is
+                // dropped: this thread is ending). Gone already if the control socket stops.
+                let slot = mine
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                drop(slot);
             });
         match spawned {
-            Ok(t) => slots.push(ClientSlot {
-                stream: watch,
-                thread: Some(t),
-            }),
+            Ok(t) => {
+                slots.insert(
+                    id,
+                    ClientSlot {
+                        stream: watch,
+                        thread: Some(t),
+                    },
+                );
+            }
             Err(e) => log::warn!("control socket: cannot start a client thread: {e}"),
         }
     }

@@ -133,6 +133,10 @@ fn a_client_killed_mid_io_is_cleaned_up_and_the_next_is_served() {
 
     // What is open with no client is the steady state, and a clean client returns to it.
     let mut ctl = Ctl::connect(&d.path("ctl.sock"));
+    // wait_listening's probe of the control socket has gone: only our connection is left.
+    wait_for("the probe connection to close", || {
+        accepted_on(pid, &d.path("ctl.sock")) == 1
+    });
     let base_fds = fd_count(pid);
     let base_list = fd_list(pid);
     blk::run(&vda, &blk_opts(0, 512, 1)).unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
@@ -261,4 +265,63 @@ fn wait_log(d: &Daemon, what: &str) -> bool {
 /// 1 MiB of memfd to map into the server.
 fn demo_ram() -> std::os::fd::OwnedFd {
     emudev::transport::inproc::memfd("demo-ram", 1 << 20).unwrap()
+}
+
+/// Connections accepted on the UNIX socket at `path` that `pid` holds open (not counting
+/// the listening socket), from /proc/PID/fd and /proc/net/unix.
+fn accepted_on(pid: i32, path: &Path) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.to_string_lossy().into_owned();
+                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let path = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening.
+            f.len() == 8 && f[3] != "00010000" && f[7] == path && inodes.iter().any(|i| i == f[6])
+        })
+        .count()
+}
+
+#[test]
+fn a_closed_control_connection_releases_its_fds_at_once() {
+    let d = TempDir::new("fault-ctl");
+    let ctl_path = d.path("ctl.sock");
+    let argv = vec![
+        "--device".into(),
+        format!("testdev,socket={}", d.s("t.sock")),
+        "--control".into(),
+        d.s("ctl.sock"),
+    ];
+    let mut daemon = Daemon::spawn(&d, &argv);
+    wait_listening(&mut daemon, &ctl_path);
+    let pid = daemon.pid();
+    let ctl = Ctl::connect(&ctl_path);
+    assert!(wait_until(|| accepted_on(pid, &ctl_path) >= 1));
+    drop(ctl);
+    for _ in 0..20 {
+        let mut ctl = Ctl::connect(&ctl_path);
+        let v = ctl.call(json!({"execute": "query-devices"}));
+        assert!(v.get("return").is_some(), "{v}");
+    }
+    // No further connection comes to reap them: each client released its own.
+    let released = wait_until(|| accepted_on(pid, &ctl_path) == 0);
+    assert!(
+        released,
+        "{} control connections still open: {}",
+        accepted_on(pid, &ctl_path),
+        fd_list(pid)
+    );
+    assert!(daemon.stop().success(), "log:\n{}", daemon.log());
 }

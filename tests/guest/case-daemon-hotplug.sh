@@ -15,6 +15,7 @@
 # QEMU_DEVICE_DEL=1 to use device_del anyway (to check a fixed QEMU).
 . "$(dirname "$0")/lib.sh"
 ctl=$WORKDIR/control.sock vda=$WORKDIR/vda.sock vdb=$WORKDIR/vdb.sock qmpsock=$WORKDIR/qmp.sock
+sigsock=$WORKDIR/sig.sock
 truncate -s 64M "$WORKDIR/vda.img" "$WORKDIR/vdb.img"
 start_server daemon "$BIN/emudevd" --control "$ctl" \
     --device "virtio-blk,id=vda,socket=$vda,path=$WORKDIR/vda.img,num-queues=2"
@@ -59,11 +60,16 @@ else
     echo 1 >"$pcidev/remove" || { echo "PCI remove failed"; exit 13; }
     wait_for 60 test ! -e /sys/block/vdb || { echo "vdb still there"; exit 13; }
 fi
+echo "VDB-REMOVED at fio run $(runs)"
+# fio keeps going while the host removes the device from emudevd and checks the daemon; it
+# says GO on the second serial port (ttyS1) when done.
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+timeout 600 head -c 2 /dev/ttyS1 >/tmp/go; grep -q GO /tmp/go || { echo "no GO from the host"; exit 16; }
 n0=$(runs)
-echo "VDB-REMOVED at fio run $n0"
-# fio keeps going while the host removes the device from emudevd: 3 more full runs.
-three_more() { [ "$(runs)" -ge $((n0 + 3)) ] || [ ! -d /proc/$fiopid ]; }
-wait_for 600 three_more || { echo "fio stalled"; exit 16; }
+echo "HOST-DONE at fio run $n0"
+# One more full fio run after the host's removal, then stop.
+one_more() { [ "$(runs)" -gt "$n0" ] || [ ! -d /proc/$fiopid ]; }
+wait_for 600 one_more || { echo "fio stalled"; exit 16; }
 touch /tmp/stop
 wait $fiopid || { echo "fio on vda failed during hotplug"; exit 14; }
 echo "FIO-STOPPED"
@@ -84,7 +90,9 @@ chmod +x "$WORKDIR/guest.sh" "$WORKDIR/run.sh"
     --file "$WORKDIR/guest.sh" \
     --vfio-user "$vda" \
     --qemu-arg -device --qemu-arg pcie-root-port,id=hp0,chassis=1,slot=1 \
-    --qemu-arg -qmp --qemu-arg "unix:$qmpsock,server=on,wait=off" &
+    --qemu-arg -qmp --qemu-arg "unix:$qmpsock,server=on,wait=off" \
+    --qemu-arg -chardev --qemu-arg "socket,id=sig,path=$sigsock,server=on,wait=off" \
+    --qemu-arg -serial --qemu-arg chardev:sig &
 gpid=$!
 SERVER_PIDS+=($gpid)
 # wait_console PATTERN SECS : wait for a line on the guest console (fails if the guest ended).
@@ -98,10 +106,23 @@ wait_console() {
     return 1
 }
 fds() { ls "/proc/$dpid/fd" | wc -l; }
+# fd_kinds : emudevd's open fds by kind (socket, eventfd, memfd, file path), one count a line.
+fd_kinds() {
+    for f in /proc/$dpid/fd/*; do readlink "$f"; done 2>/dev/null |
+        sed -E 's/:\[[0-9]+\]$//' | sort | uniq -c
+}
+# more_kinds BEFORE AFTER : the kinds AFTER has more of than BEFORE.
+more_kinds() {
+    awk 'NR == FNR { n[$2] = $1; next } $1 > n[$2] { print }' <(echo "$1") <(echo "$2")
+}
+# go : tell the guest (on its ttyS1) the host is done.
+go() {
+    python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"GO\n")' "$sigsock"
+}
 fail_case() { echo "FAIL: $*"; kill "$gpid" 2>/dev/null; wait "$gpid" 2>/dev/null; exit 1; }
 
 wait_console FIO-RUNNING 400 || fail_case "fio never started on vda"
-fds_before=$(fds)
+fds_before=$(fds) kinds_before=$(fd_kinds)
 echo "emudevd fds with QEMU attached to vda: $fds_before"
 
 emudevctl device-add "virtio-blk,id=vdb,socket=$vdb,path=$WORKDIR/vdb.img" || fail_case "device-add"
@@ -120,15 +141,18 @@ grep -q FIO-STOPPED "$console" && fail_case "fio had already stopped: device-del
 emudevctl query-devices --json | tee "$WORKDIR/devices.json"
 grep -q '"vdb"' "$WORKDIR/devices.json" && fail_case "vdb still listed after device-del"
 [ -e "$vdb" ] && fail_case "vdb's socket left behind"
-# emudevctl's own control connection closes asynchronously: give it up to 10 s.
-for _ in $(seq 100); do [ "$(fds)" -le "$fds_before" ] && break; sleep 0.1; done
-fds_after=$(fds)
-echo "emudevd fds after device-del: $fds_after"
-[ "$fds_after" -le "$fds_before" ] || { ls -l "/proc/$dpid/fd"; fail_case "emudevd holds $fds_after fds, $fds_before before the add"; }
+# Nothing of vdb's is left in emudevd: no fd of any kind more than before the add (emudevctl's
+# own control connection closes asynchronously: up to 10 s), none on vdb's image.
+for _ in $(seq 100); do [ -z "$(more_kinds "$kinds_before" "$(fd_kinds)")" ] && break; sleep 0.1; done
+echo "emudevd fds after device-del: $(fds)"
+extra=$(more_kinds "$kinds_before" "$(fd_kinds)")
+[ -z "$extra" ] || { echo "before:"; echo "$kinds_before"; echo "after:"; fd_kinds; fail_case "emudevd holds more fds than before the add: $extra"; }
+ls -l "/proc/$dpid/fd" | grep -q vdb.img && fail_case "emudevd still has vdb.img open"
 qmp "$qmpsock" '{"execute":"query-status"}' "" 60 || fail_case "QEMU does not answer after device-del"
+go || fail_case "cannot signal the guest"
 
 wait $gpid; rc=$?
-grep -E "FIO-|VDB-|GUEST-HOTPLUG|vfio-user|read header" "$console"
+grep -E "FIO-|VDB-|HOST-DONE|GUEST-HOTPLUG|vfio-user|read header" "$console"
 [ "$rc" = 0 ] || { echo "FAIL: guest rc=$rc"; exit 1; }
 dd if="$WORKDIR/vdb.img" bs=512 skip=100 count=1 2>/dev/null | grep -q EMUDEV-HOTPLUG-MARKER ||
     { echo "FAIL: the marker is not in vdb's image"; exit 1; }
