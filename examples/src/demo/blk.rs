@@ -15,6 +15,7 @@ use emudev_vfio_user::Client;
 use vm_memory::{Bytes, VolatileMemory, VolatileSlice};
 
 use super::pci::{self, Config};
+use super::virtio::{common, status, DESC_WRITE, VIRTIO_F_VERSION_1};
 use super::{pattern, wait_irq, DemoError, Progress, SharedRam, Step};
 
 /// What to do.
@@ -75,40 +76,13 @@ pub struct BlkReport {
     pub flushed: bool,
 }
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-
-mod status {
-    pub const ACKNOWLEDGE: u8 = 1;
-    pub const DRIVER: u8 = 2;
-    pub const DRIVER_OK: u8 = 4;
-    pub const FEATURES_OK: u8 = 8;
-    pub const NEEDS_RESET: u8 = 0x40;
-}
-
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
-}
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
 
 // Guest RAM layout (IOVA = offset in the memfd).
 const DESC: u64 = 0x0;

@@ -2,7 +2,8 @@
 //! negotiates features, sets up split queues with MSI-X vectors, and keeps single-descriptor
 //! chains on them (one descriptor per slot, so a used id is the slot it came from).
 //!
-//! Used by the net demo; the virtio-blk demo keeps its own request-shaped driver.
+//! Used by the net demo; the virtio-blk demo keeps its own request-shaped driver and shares
+//! the register tables here.
 
 use std::sync::atomic::Ordering;
 
@@ -22,7 +23,7 @@ pub mod status {
     pub const NEEDS_RESET: u8 = 0x40;
 }
 
-mod common {
+pub(super) mod common {
     pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
     pub const DEVICE_FEATURE: u64 = 0x04;
     pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
@@ -39,7 +40,7 @@ mod common {
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
-const DESC_WRITE: u16 = 2;
+pub(super) const DESC_WRITE: u16 = 2;
 
 /// Where a virtio structure lives: (BAR, offset).
 #[derive(Debug, Clone, Copy)]
