@@ -274,17 +274,12 @@ impl Registry {
             kind: spec.kind.type_name(),
             reason,
         };
-        let spawn_err = |e: std::io::Error| build(e.to_string());
         let (model, typed, backend, (handle, thread, state)) = match &spec.kind {
             DeviceKind::TestDev => {
                 let dev = TestDevice::new(&name).map_err(|e| build(e.to_string()))?;
                 let adapter = VfioUserAdapter::new(dev);
-                let shared = adapter.device().clone();
-                let st = adapter.state_cell().clone();
-                let server = Server::from_listener(listener, adapter, ServerOptions::default())
-                    .map_err(|e| build(e.to_string()))?;
+                let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
                 let model: Arc<Mutex<dyn DeviceModel>> = shared;
-                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::TestDev, None, run)
             }
             DeviceKind::VirtioNet(n) => {
@@ -299,12 +294,8 @@ impl Registry {
                 let dev = emudev_net::virtio_net_pci(&name, &n.backend, opts, &self.pool)
                     .map_err(build)?;
                 let adapter = VfioUserAdapter::new(dev);
-                let shared = adapter.device().clone();
-                let st = adapter.state_cell().clone();
-                let server = Server::from_listener(listener, adapter, ServerOptions::default())
-                    .map_err(|e| build(e.to_string()))?;
+                let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
                 let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
-                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Net(shared), None, run)
             }
             DeviceKind::Avf(a) => {
@@ -318,23 +309,15 @@ impl Registry {
                 let dev = emudev_avf::AvfDevice::new(&name, cfg, Some(backend))
                     .map_err(|e| build(e.to_string()))?;
                 let adapter = VfioUserAdapter::new(dev);
-                let shared = adapter.device().clone();
-                let st = adapter.state_cell().clone();
-                let server = Server::from_listener(listener, adapter, ServerOptions::default())
-                    .map_err(|e| build(e.to_string()))?;
+                let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
                 let model: Arc<Mutex<dyn DeviceModel>> = shared;
-                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Avf, None, run)
             }
             DeviceKind::VhostUser(v) => {
                 let dev = vhost_user(&name, v).map_err(build)?;
                 let adapter = VfioUserAdapter::new(dev);
-                let shared = adapter.device().clone();
-                let st = adapter.state_cell().clone();
-                let server = Server::from_listener(listener, adapter, ServerOptions::default())
-                    .map_err(|e| build(e.to_string()))?;
+                let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
                 let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
-                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Vhost(shared), None, run)
             }
             DeviceKind::VirtioBlk(b) => {
@@ -345,12 +328,8 @@ impl Registry {
                     // sectors load code over code that already ran), so DMA_WRITE them.
                     adapter.set_message_writes_below(emudev::memory::LEGACY_LOW_MEM_END);
                 }
-                let shared = adapter.device().clone();
-                let st = adapter.state_cell().clone();
-                let server = Server::from_listener(listener, adapter, ServerOptions::default())
-                    .map_err(|e| build(e.to_string()))?;
+                let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
                 let model: Arc<Mutex<dyn DeviceModel>> = shared.clone();
-                let run = Runner::new(server, st).spawn(&name).map_err(spawn_err)?;
                 (model, Typed::Blk(shared), Some(backend), run)
             }
         };
@@ -608,6 +587,24 @@ fn testdev_stats(model: &Mutex<dyn DeviceModel>) -> Vec<(&'static str, u64)> {
         ("dma_passes", rd(regs::DMA_PASSES)),
         ("dma_errors", rd(regs::DMA_ERRORS)),
     ]
+}
+
+/// Serve `adapter` on `listener` from its own thread: the device's shared handle, and the
+/// server's handle, thread and state cell.
+#[allow(clippy::type_complexity)]
+fn serve<D: DeviceModel + Send + 'static>(
+    name: &str,
+    listener: UnixListener,
+    adapter: VfioUserAdapter<D>,
+) -> Result<(Arc<Mutex<D>>, (ServerHandle, JoinHandle<()>, StateCell)), String> {
+    let shared = adapter.device().clone();
+    let st = adapter.state_cell().clone();
+    let server = Server::from_listener(listener, adapter, ServerOptions::default())
+        .map_err(|e| e.to_string())?;
+    let run = Runner::new(server, st)
+        .spawn(name)
+        .map_err(|e| e.to_string())?;
+    Ok((shared, run))
 }
 
 /// A server not yet running, with the state cell its adapter updates.
