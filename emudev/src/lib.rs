@@ -9,6 +9,7 @@
 //! - [`transport`]: the vfio-user adapter and the in-process transport.
 //! - [`manager`]: devices added and removed at runtime, one socket and thread each.
 //! - [`lifecycle`], [`events`], [`doorbell`]: device state, backend events, doorbells.
+//! - [`poller`]: polling threads device backends run their datapath tasks on.
 //! - [`testdev`]: a test device exercising all of the above.
 
 pub mod device;
@@ -18,6 +19,7 @@ pub mod lifecycle;
 pub mod manager;
 pub mod memory;
 pub mod pci;
+pub mod poller;
 pub mod testdev;
 pub mod transport;
 

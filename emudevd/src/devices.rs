@@ -182,6 +182,9 @@ pub struct PollerStat {
 /// Every served device, by name.
 pub struct Registry {
     pool: Arc<PollerPool>,
+    /// The emudev polling thread all AVF datapaths share (`avf-dp`), started with the first
+    /// AVF device.
+    avf_pool: Mutex<Option<Arc<emudev::poller::PollerPool>>>,
     group: Option<u32>,
     devices: Mutex<BTreeMap<String, Served>>,
     /// Index of the next runtime-added device (after the command line's).
@@ -200,10 +203,25 @@ impl Registry {
             PollerPool::new(pollers).map_err(|e| format!("cannot start poller threads: {e}"))?;
         Ok(Self {
             pool,
+            avf_pool: Mutex::new(None),
             group,
             devices: Mutex::new(BTreeMap::new()),
             next_index: AtomicUsize::new(first_index),
         })
+    }
+
+    /// The shared AVF datapath pool, started on first use (one thread: AVF passes are
+    /// short, and the virtio pollers keep their own threads).
+    fn avf_pool(&self) -> Result<Arc<emudev::poller::PollerPool>, String> {
+        let mut p = lock(&self.avf_pool);
+        if let Some(pool) = p.as_ref() {
+            return Ok(pool.clone());
+        }
+        let pool =
+            emudev::poller::PollerPool::named("avf-dp", 1, emudev::poller::PollConfig::default())
+                .map_err(|e| e.to_string())?;
+        *p = Some(pool.clone());
+        Ok(pool)
     }
 
     /// Serve a checked device on a listening socket. `socket_file` is removed when the device
@@ -306,7 +324,8 @@ impl Registry {
                     queue_pairs: a.queue_pairs,
                     link_speed_mbps: 25_000,
                 };
-                let dev = emudev_avf::AvfDevice::new(&name, cfg, Some(backend))
+                let pool = self.avf_pool().map_err(build)?;
+                let dev = emudev_avf::AvfDevice::with_poller(&name, cfg, Some(backend), pool)
                     .map_err(|e| build(e.to_string()))?;
                 let adapter = VfioUserAdapter::new(dev);
                 let (shared, run) = serve(&name, listener, adapter).map_err(build)?;
@@ -722,6 +741,28 @@ mod tests {
         assert!(e.contains("absent.sock"), "{e}");
         assert!(reg.is_empty());
         assert!(!sock.exists(), "the failed device's socket was removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn avf_devices_share_one_datapath_thread() {
+        let dir = std::env::temp_dir().join(format!("emudevd-avf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let reg = Registry::new(1, None, 0).unwrap();
+        assert!(
+            lock(&reg.avf_pool).is_none(),
+            "started only with an AVF device"
+        );
+        for id in ["vf0", "vf1"] {
+            let spec = format!("avf,id={id},socket={}/{id}.sock", dir.display());
+            reg.add_spec(&spec).unwrap();
+        }
+        let pool = lock(&reg.avf_pool).clone().unwrap();
+        assert_eq!((pool.thread_count(), pool.task_count()), (1, 2));
+        reg.remove("vf0").unwrap();
+        assert_eq!(pool.task_count(), 1, "removal dropped the datapath task");
+        reg.shutdown();
+        assert_eq!(pool.task_count(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -167,6 +167,9 @@ pub struct Shared {
     /// Wakes the datapath poller (tail writes, queue enables).
     pub dp_kick: emudev::pci::EventFd,
     dp_stop: std::sync::atomic::AtomicBool,
+    /// Threads waiting in [`Shared::fence_datapath`]; the datapath skips passes meanwhile so
+    /// that a busy poller cannot keep re-taking `dp_pass` ahead of them.
+    dp_fencing: std::sync::atomic::AtomicUsize,
 }
 
 /// Lock, ignoring poisoning (the state stays consistent: every update is a plain store).
@@ -207,6 +210,7 @@ impl Shared {
             dp_pass: Mutex::new(()),
             dp_kick: emudev::doorbell::new_eventfd()?,
             dp_stop: std::sync::atomic::AtomicBool::new(false),
+            dp_fencing: std::sync::atomic::AtomicUsize::new(0),
         };
         s.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_VFACTIVE);
         Ok(s)
@@ -232,7 +236,14 @@ impl Shared {
 
     /// Wait until no datapath pass is in flight (the next one sees the current state).
     pub fn fence_datapath(&self) {
+        self.dp_fencing.fetch_add(1, Ordering::AcqRel);
         drop(lock(&self.dp_pass));
+        self.dp_fencing.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// True while some thread waits in [`Shared::fence_datapath`].
+    pub fn dp_fence_pending(&self) -> bool {
+        self.dp_fencing.load(Ordering::Acquire) > 0
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {
@@ -428,10 +439,12 @@ pub fn worker_loop(shared: &Shared) {
 /// One pass: drain the ATQ, then deliver the outbox. Returns true if work remains.
 pub fn run_pass(shared: &Shared, mem: &GuestMemory) -> bool {
     let (more, fence) = process_atq(shared, mem);
-    if fence {
-        // DISABLE_QUEUES or a reset: no datapath DMA may follow the reply.
-        shared.fence_datapath();
-    } else {
+    // No datapath pass that snapshotted the state before these messages (queues, filters,
+    // VLAN stripping) outlives their replies: DISABLE_QUEUES and resets need no DMA after
+    // the reply, and frames the VF expects after a reply get the new RX policy. A pass in
+    // flight is short, and messages are rare.
+    shared.fence_datapath();
+    if !fence {
         shared.kick_datapath();
     }
     deliver_arq(shared, mem);

@@ -1,17 +1,26 @@
-//! The TX/RX datapath (avf-device.md §5): one poller thread per device walks the enabled
-//! queues' rings, sends TX frames to the network backend (offloads as a vnet header) and
-//! fills RX buffers from it.
+//! The TX/RX datapath (avf-device.md §5): a [`PollTask`] on an emudev [`PollerPool`] walks
+//! the enabled queues' rings, sends TX frames to the network backend (offloads as a vnet
+//! header) and fills RX buffers from it.
 //!
 //! Like the admin-queue worker it never holds the core lock across guest-memory access: a
 //! pass snapshots the queue contexts, does its DMA, then commits heads and counters only if
 //! no reset happened meanwhile. A pass runs under `Shared::dp_pass`; DISABLE_QUEUES and VF
 //! resets take that lock before their reply is delivered, so no DMA follows the reply.
+//!
+//! Wake sources while the pool thread sleeps: the device's kick eventfd (`Shared::dp_kick`:
+//! TX/RX tail writes, queue enables, resume, new memory) and the backend RX wake fd of every
+//! queue that can take frames. A queue whose ring is full or disabled is left out (its
+//! backend fd would stay readable and spin the thread); the RX tail write that gives it
+//! buffers kicks us.
+//!
+//! [`PollerPool`]: emudev::poller::PollerPool
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use emudev::poller::PollTask;
 use emudev::GuestMemory;
 use emudev_netback::hdr::F_DATA_VALID;
 use emudev_netback::{NetBackend, NetRx, NetTx, RxVerdict, TxBurst, MAX_FRAME_LEN, VNET_HDR_LEN};
@@ -28,8 +37,9 @@ use crate::virtchnl::EthStats;
 pub const MAX_TX_BUFS: usize = 64;
 /// Frames taken from the backend per queue and pass.
 const RX_BURST: usize = 64;
-/// Sleep between idle checks when nothing wakes the poller.
-const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// Longest sleep while an open backend RX queue has no wake fd (its frames cannot wake the
+/// pool thread). Every other wake source signals an fd, so otherwise the sleep is unbounded.
+const NO_WAKE_FD_WAIT: Duration = Duration::from_millis(20);
 
 /// Counters a pass accumulates before committing them.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,9 +87,12 @@ fn classify(frame: &[u8]) -> u8 {
 struct QueueIo {
     tx: Option<Box<dyn NetTx>>,
     rx: Option<Box<dyn NetRx>>,
+    /// The last pass could not deliver from this backend queue (guest ring full or not
+    /// receiving): its wake fd is not waited on until a kick.
+    rx_parked: bool,
 }
 
-/// The poller thread's own state.
+/// The datapath task's own state.
 pub struct Poller {
     shared: Arc<Shared>,
     backend: Option<Arc<dyn NetBackend>>,
@@ -92,7 +105,13 @@ pub struct Poller {
 
 impl Poller {
     pub fn new(shared: Arc<Shared>, backend: Option<Arc<dyn NetBackend>>, pairs: u16) -> Self {
-        let io = (0..pairs).map(|_| QueueIo { tx: None, rx: None }).collect();
+        let io = (0..pairs)
+            .map(|_| QueueIo {
+                tx: None,
+                rx: None,
+                rx_parked: false,
+            })
+            .collect();
         Self {
             shared,
             backend,
@@ -103,50 +122,13 @@ impl Poller {
         }
     }
 
-    /// The thread body: run passes until shutdown; sleep on the kick eventfd and the
-    /// backend's RX wake fds when idle.
-    pub fn run(mut self) {
-        while !self.shared.dp_stopping() {
-            let shared = self.shared.clone();
-            let busy = {
-                let _pass = lock(&shared.dp_pass);
-                self.pass()
-            };
-            if !busy {
-                self.sleep();
-            }
-        }
-    }
-
-    fn sleep(&self) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let kick = self.shared.dp_kick.as_fd();
-        let mut raw = vec![kick.as_raw_fd()];
-        raw.extend(
-            self.io
-                .iter()
-                .filter_map(|q| q.rx.as_ref().and_then(|r| r.wake_fd())),
-        );
-        let fds: Vec<BorrowedFd<'_>> = raw
-            .iter()
-            .map(|&fd| {
-                // SAFETY: every fd is owned by `self` (kick eventfd, backend queues) and
-                // stays open for the duration of this call.
-                unsafe { BorrowedFd::borrow_raw(fd) }
-            })
-            .collect();
-        let mut pfds: Vec<PollFd<'_>> = fds
-            .iter()
-            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-            .collect();
-        let t = PollTimeout::try_from(IDLE_WAIT.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
-        let _ = poll(&mut pfds, t);
-        let _ = emudev::doorbell::drain_eventfd(kick);
-    }
-
     /// One pass over every enabled queue; true if any work was done.
     fn pass(&mut self) -> bool {
         let Some(mem) = self.shared.dp_memory() else {
+            // Quiesced: do not wake on backend frames until resume kicks us.
+            for q in &mut self.io {
+                q.rx_parked = true;
+            }
             return false;
         };
         let (epoch, queues, policy) = {
@@ -190,7 +172,8 @@ impl Poller {
         {
             let mut core = self.shared.core();
             if self.shared.epoch.load(Ordering::Acquire) != epoch {
-                return false;
+                // Stale snapshot: nothing committed; poll again with the new state.
+                return true;
             }
             for (q, tx, rx) in heads {
                 let (Some(now), Some(was)) = (core.vf.queues.get_mut(q), queues.get(q)) else {
@@ -413,12 +396,13 @@ impl Poller {
             return rings.iter().map(|r| r.map(|(_, h, _)| h)).collect();
         };
         for b in 0..rings.len() {
-            if rings[b].is_none() {
-                continue;
-            }
             let Some(io) = self.io.get_mut(b) else {
                 continue;
             };
+            if rings[b].is_none() {
+                io.rx_parked = true;
+                continue;
+            }
             if io.rx.is_none() {
                 match backend.rx(b as u16) {
                     Ok(r) => io.rx = Some(r),
@@ -429,6 +413,7 @@ impl Poller {
                 }
             }
             let Some(rx) = io.rx.as_mut() else { continue };
+            let mut no_room = false;
             let mut stripped = Vec::new();
             let mut sink = |frame: &[u8]| -> RxVerdict {
                 let Some(mut data) = frame.get(VNET_HDR_LEN..) else {
@@ -469,7 +454,10 @@ impl Poller {
                         }
                         RxVerdict::Taken
                     }
-                    RxResult::NoRoom => RxVerdict::NoRoom,
+                    RxResult::NoRoom => {
+                        no_room = true;
+                        RxVerdict::NoRoom
+                    }
                     RxResult::Dropped => {
                         c.rx_discards += 1;
                         RxVerdict::Taken
@@ -479,8 +467,52 @@ impl Poller {
             if let Err(e) = rx.recv_burst(RX_BURST, &mut sink) {
                 log::debug!("avf: RX queue {b}: {e}");
             }
+            io.rx_parked = no_room;
         }
         rings.iter().map(|r| r.map(|(_, h, _)| h)).collect()
+    }
+}
+
+impl PollTask for Poller {
+    fn poll(&mut self) -> usize {
+        if self.shared.dp_stopping() {
+            return 0;
+        }
+        if self.shared.dp_fence_pending() {
+            // Let the fencing thread have `dp_pass` first; poll again right after.
+            return 1;
+        }
+        let shared = self.shared.clone();
+        let _pass = lock(&shared.dp_pass);
+        usize::from(self.pass())
+    }
+
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.push(self.shared.dp_kick.as_fd().as_raw_fd());
+        out.extend(
+            self.io
+                .iter()
+                .filter(|q| !q.rx_parked)
+                .filter_map(|q| q.rx.as_ref().and_then(|r| r.wake_fd())),
+        );
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        // A kick since the last drain may be for work the last pass did not see.
+        match emudev::doorbell::drain_eventfd(&self.shared.dp_kick) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                log::debug!("avf: datapath kick drain: {e}");
+                false
+            }
+        }
+    }
+
+    fn max_sleep(&self) -> Option<Duration> {
+        self.io
+            .iter()
+            .any(|q| !q.rx_parked && q.rx.as_ref().is_some_and(|r| r.wake_fd().is_none()))
+            .then_some(NO_WAKE_FD_WAIT)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The AVF NIC as an emudev [`DeviceModel`]: PCI identity 8086:1889, BAR0 register file,
-//! BAR3 MSI-X, and the admin-queue worker.
+//! BAR3 MSI-X, the admin-queue worker, and the datapath task on an emudev poller pool.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -8,6 +8,7 @@ use emudev::pci::{
     BarDef, Capability, ConfigSize, MsixLayout, PciDevice, PciDeviceBuilder, PciError, PciIds,
     PcieCapConfig,
 };
+use emudev::poller::{PollConfig, PollerError, PollerPool, TaskHandle};
 use emudev::{DeviceError, DeviceModel, GuestMemory};
 
 use emudev_netback::{NetBackend, Offloads};
@@ -37,6 +38,8 @@ pub enum AvfError {
         device: String,
         source: std::io::Error,
     },
+    #[error("{device}: datapath poller: {source}")]
+    Poller { device: String, source: PollerError },
 }
 
 /// The emulated AVF VF.
@@ -45,7 +48,8 @@ pub struct AvfDevice {
     pci: PciDevice,
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
-    poller: Option<JoinHandle<()>>,
+    /// The datapath task; removed (blocking) before the rest is torn down.
+    datapath: Option<TaskHandle>,
 }
 
 impl std::fmt::Debug for AvfDevice {
@@ -60,10 +64,31 @@ impl AvfDevice {
     /// Build the device: `cfg.queue_pairs` (clamped to 1..=16 and to what the backend
     /// carries) queue pairs, one MSI-X vector each plus the mailbox vector. Without a
     /// backend, TX frames are completed and dropped and nothing is received.
+    ///
+    /// The datapath runs on a private one-thread pool (thread `<name>-dp`), so a pass that
+    /// waits on DMA messages stalls no other device. Use [`AvfDevice::with_poller`] to
+    /// share a pool between devices.
     pub fn new(
         name: &str,
         cfg: VfConfig,
         backend: Option<Arc<dyn NetBackend>>,
+    ) -> Result<Self, AvfError> {
+        let pool = PollerPool::named(&format!("{name}-dp"), 1, PollConfig::default()).map_err(
+            |source| AvfError::Poller {
+                device: name.to_string(),
+                source,
+            },
+        )?;
+        Self::with_poller(name, cfg, backend, pool)
+    }
+
+    /// Like [`AvfDevice::new`], with the datapath as a task on `pool` (shared with other
+    /// devices; a task must not block, so memory should be mapped, not reached by messages).
+    pub fn with_poller(
+        name: &str,
+        cfg: VfConfig,
+        backend: Option<Arc<dyn NetBackend>>,
+        pool: Arc<PollerPool>,
     ) -> Result<Self, AvfError> {
         let mut cfg = cfg;
         if let Some(b) = &backend {
@@ -124,19 +149,22 @@ impl AvfDevice {
             .name(format!("{name}-aq"))
             .spawn(move || adminq::worker_loop(&w))
             .map_err(thread_err)?;
-        let dp = Poller::new(shared.clone(), backend, pairs);
-        let poller = std::thread::Builder::new()
-            .name(format!("{name}-dp"))
-            .spawn(move || dp.run());
         let mut dev = Self {
             name: name.to_string(),
             pci,
-            shared,
+            shared: shared.clone(),
             worker: Some(worker),
-            poller: None,
+            datapath: None,
         };
+        let dp = Poller::new(shared, backend, pairs);
         // On error `dev` drops here and stops the worker.
-        dev.poller = Some(poller.map_err(thread_err)?);
+        let task = pool
+            .add(name, Box::new(dp))
+            .map_err(|source| AvfError::Poller {
+                device: name.to_string(),
+                source,
+            })?;
+        dev.datapath = Some(task);
         Ok(dev)
     }
 
@@ -204,10 +232,11 @@ impl AvfDevice {
 impl Drop for AvfDevice {
     fn drop(&mut self) {
         self.shared.shutdown();
-        for t in [self.worker.take(), self.poller.take()]
-            .into_iter()
-            .flatten()
-        {
+        // Blocks until the pool thread dropped the task: no datapath DMA after this.
+        if let Some(t) = self.datapath.take() {
+            t.remove();
+        }
+        if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
     }
@@ -268,11 +297,13 @@ impl DeviceModel for AvfDevice {
 
     fn set_memory(&mut self, mem: Arc<GuestMemory>) {
         self.shared.set_memory(mem);
+        self.shared.kick_datapath();
     }
 
     fn set_memory_lazy(&mut self, mem: &Arc<GuestMemory>) -> bool {
         // The worker takes the snapshot at the start of each pass.
         self.shared.set_memory(mem.clone());
+        self.shared.kick_datapath();
         true
     }
 
@@ -290,6 +321,8 @@ impl DeviceModel for AvfDevice {
     fn resume(&mut self) {
         self.shared.resume();
         self.shared.kick();
+        // The datapath sleeps without a timeout; let it look at the rings again.
+        self.shared.kick_datapath();
     }
 
     fn stop(&mut self) {
@@ -298,6 +331,7 @@ impl DeviceModel for AvfDevice {
             log::warn!("{}: admin-queue pass did not finish on detach", self.name);
         }
         self.shared.resume();
+        self.shared.kick_datapath();
     }
 
     fn reset(&mut self) {
@@ -310,6 +344,7 @@ impl DeviceModel for AvfDevice {
             log::warn!("{}: datapath did not stop for reset", self.name);
         }
         self.shared.resume();
+        self.shared.kick_datapath();
     }
 
     fn attr(&self, key: &str) -> Option<String> {
@@ -360,5 +395,39 @@ impl DeviceModel for AvfDevice {
                 key: key.to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    #[test]
+    fn devices_share_a_pool_and_drop_removes_their_task() {
+        let pool = PollerPool::new(1, PollConfig::default()).unwrap();
+        let a = AvfDevice::with_poller("a", VfConfig::default(), None, pool.clone()).unwrap();
+        let b = AvfDevice::with_poller("b", VfConfig::default(), None, pool.clone()).unwrap();
+        assert_eq!(pool.task_count(), 2);
+        drop(a);
+        assert_eq!(pool.task_count(), 1, "drop returns after the task is gone");
+        // Idle devices: the shared thread sleeps instead of polling.
+        std::thread::sleep(Duration::from_millis(30));
+        let st = pool.thread_stats(0).unwrap();
+        let it = st.iterations.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        let busy = st.iterations.load(Ordering::Relaxed) - it;
+        assert!(busy <= 2, "{busy} iterations while idle");
+        // A tail doorbell wakes it.
+        let mut b = b;
+        b.bar_write(regs::REGS_BAR, regs::QTX_TAIL, &1u32.to_le_bytes());
+        let t0 = std::time::Instant::now();
+        while st.iterations.load(Ordering::Relaxed) == it + busy && t0.elapsed().as_secs() < 5 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(st.iterations.load(Ordering::Relaxed) > it + busy);
+        drop(b);
+        assert_eq!(pool.task_count(), 0);
     }
 }

@@ -10,7 +10,7 @@
 //! - [`irq`]: the per-vector interrupt model (auto-mask, INTENA re-arm, SWINT_TRIG).
 //! - [`desc`]: TX/RX descriptor decode/encode and TX offloads as a vnet header.
 //! - [`rx`]: receive policy: MAC filter, packet type, checksum status, RSS.
-//! - [`datapath`]: the TX/RX poller on the netback backend.
+//! - [`datapath`]: the TX/RX datapath, a task on an emudev poller pool, on the netback backend.
 //! - [`device`]: the [`emudev::DeviceModel`] tying them to the PCI function.
 //!
 

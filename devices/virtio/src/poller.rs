@@ -145,91 +145,10 @@ impl PollerConfig {
     }
 }
 
-/// Default lower bound of the idle window, µs (the fixed window of earlier versions).
-pub const DEFAULT_MIN_SPIN_US: u64 = 50;
-/// Default upper bound of the idle window, µs.
-pub const DEFAULT_MAX_SPIN_US: u64 = 1000;
-/// Default idle-polling budget, percent of wall time.
-pub const DEFAULT_SPIN_BUDGET_PCT: u8 = 10;
-/// Period over which the idle-polling budget is accounted.
-const BUDGET_PERIOD: Duration = Duration::from_millis(100);
-
-/// The adaptive idle window of one poller thread.
-///
-/// The gap a sleep ended is the idle time before it (the window) plus the time asleep. A
-/// wakeup by work whose gap is within `max` means a window of about that gap would have
-/// avoided the sleep and its kick: the window grows to cover it (at least doubling). A gap
-/// beyond `max` means spinning could not have helped: the window halves. Independently, idle
-/// polling is accounted per [`BUDGET_PERIOD`]: a period over the budget halves the window
-/// and blocks growth until a period stays within it. Bounded by `[min, max]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpinWindow {
-    cur: Duration,
-    min: Duration,
-    max: Duration,
-    budget_pct: u32,
-    period_start: Option<Instant>,
-    spun: Duration,
-    over_budget: bool,
-}
-
-impl SpinWindow {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self::with_budget(min, max, 100)
-    }
-
-    /// A window whose idle polling may use `budget_pct` percent of wall time (clamped to
-    /// 1..=100; 100 means no limit).
-    pub fn with_budget(min: Duration, max: Duration, budget_pct: u8) -> Self {
-        let max = max.max(min);
-        Self {
-            cur: min,
-            min,
-            max,
-            budget_pct: u32::from(budget_pct.clamp(1, 100)),
-            period_start: None,
-            spun: Duration::ZERO,
-            over_budget: false,
-        }
-    }
-
-    /// The current window.
-    pub fn get(&self) -> Duration {
-        self.cur
-    }
-
-    /// The thread slept after idling `idle` and was woken by work after `slept`.
-    pub fn woken_by_work(&mut self, idle: Duration, slept: Duration) {
-        let gap = idle.saturating_add(slept);
-        if gap <= self.max && !self.over_budget {
-            let want = gap.saturating_add(gap / 4).max(self.cur.saturating_mul(2));
-            self.cur = want.min(self.max);
-        } else if gap > self.max {
-            self.cur = (self.cur / 2).max(self.min);
-        }
-    }
-
-    /// The thread polled idle queues for `idle` (ending in work or in a sleep) at `now`.
-    pub fn spun(&mut self, idle: Duration, now: Instant) {
-        if self.budget_pct >= 100 {
-            return;
-        }
-        self.spun = self.spun.saturating_add(idle);
-        let start = *self.period_start.get_or_insert(now);
-        let wall = now.saturating_duration_since(start);
-        if wall < BUDGET_PERIOD {
-            return;
-        }
-        // spun / wall > budget / 100, in integer nanoseconds (u128: no overflow).
-        self.over_budget =
-            self.spun.as_nanos() * 100 > wall.as_nanos() * u128::from(self.budget_pct);
-        if self.over_budget {
-            self.cur = (self.cur / 2).max(self.min);
-        }
-        self.period_start = Some(now);
-        self.spun = Duration::ZERO;
-    }
-}
+// The idle window and its defaults live in the emudev layer, shared with other pollers.
+pub use emudev::poller::{
+    SpinWindow, DEFAULT_MAX_SPIN_US, DEFAULT_MIN_SPIN_US, DEFAULT_SPIN_BUDGET_PCT,
+};
 
 /// Per-queue counters, readable from any thread.
 #[derive(Debug, Default)]
@@ -1293,49 +1212,6 @@ mod tests {
         submit(&mut d, &kick, 11);
         collect(&mut d, 1);
         assert!(s.eng.queue_stats(0).unwrap().kicks.load(Ordering::Relaxed) >= 1);
-    }
-
-    #[test]
-    fn spin_window_adapts_within_its_bounds() {
-        let us = Duration::from_micros;
-        let mut w = SpinWindow::new(us(10), us(1000));
-        assert_eq!(w.get(), us(10));
-        // Work 200 µs after the last: the window grows past that gap.
-        w.woken_by_work(us(10), us(190));
-        assert_eq!(w.get(), us(250));
-        // Growth at least doubles, and stops at the bound.
-        w.woken_by_work(us(250), us(10));
-        assert_eq!(w.get(), us(500));
-        w.woken_by_work(us(500), us(400));
-        assert_eq!(w.get(), us(1000));
-        // A gap no window could cover halves it, down to the floor.
-        w.woken_by_work(us(1000), Duration::from_secs(3));
-        assert_eq!(w.get(), us(500));
-        for _ in 0..20 {
-            w.woken_by_work(w.get(), Duration::from_secs(1));
-        }
-        assert_eq!(w.get(), us(10));
-        // Over the idle-polling budget: the window halves and stops growing until a
-        // period stays within it.
-        let t0 = Instant::now();
-        let mut b = SpinWindow::with_budget(us(10), us(1000), 10);
-        b.woken_by_work(us(10), us(190));
-        assert_eq!(b.get(), us(250));
-        b.spun(us(60_000), t0); // opens the period
-        b.spun(us(1), t0 + BUDGET_PERIOD); // 60 ms of 100: over 10 %
-        assert_eq!(b.get(), us(125));
-        b.woken_by_work(us(125), us(100));
-        assert_eq!(b.get(), us(125), "grew while over budget");
-        b.spun(us(5_000), t0 + BUDGET_PERIOD * 2); // 5 %: within
-        assert_eq!(b.get(), us(125));
-        b.woken_by_work(us(125), us(100));
-        assert_eq!(b.get(), Duration::from_nanos(281_250));
-        // Bounds given the wrong way round make a fixed window.
-        let mut f = SpinWindow::new(us(50), us(20));
-        f.woken_by_work(us(50), us(5));
-        assert_eq!(f.get(), us(50));
-        f.woken_by_work(us(50), Duration::from_secs(1));
-        assert_eq!(f.get(), us(50));
     }
 
     fn pool_with(cfg: PollerConfig, mem: &Arc<GuestMemory>) -> (Arc<PollerPool>, PollerEngine) {
