@@ -1057,7 +1057,8 @@ fn request_queues_grants_then_resets() {
         "RESET_IMPENDING"
     );
     assert!(wait_until(|| d.rd(VF_ARQLEN) & AQ_LEN_ENABLE == 0));
-    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE);
+    // Like iavf: the admin queue is torn down once the reset started; wait for it to end.
+    assert!(wait_until(|| d.rd(VFGEN_RSTAT) == RSTAT_VFACTIVE));
     d.init_aq();
     let (_, res) = d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
     assert_eq!(&res[2..4], &2u16.to_le_bytes(), "two queue pairs now");
@@ -1718,6 +1719,63 @@ mod datapath {
             d.status(op::CONFIG_RSS_LUT, &array(&[2; 64])),
             status::ERR_PARAM
         );
+    }
+
+    /// What `ethtool -X ... hkey` does in the guest: a CONFIG_RSS_KEY while running takes
+    /// effect from the next frame, with no reset and no new LUT. A zero key hashes every
+    /// flow to 0, so to `lut[0]`; the guest case uses that to see the key reach the device.
+    #[test]
+    fn a_new_rss_key_steers_the_next_frame() {
+        use crate::rx::{tests::ipv4, tests::MS_KEY, toeplitz};
+        let mock = Mock::default();
+        let mut d = running_with(Arc::new(mock.clone()), 2);
+        let array = |bytes: &[u8]| {
+            let mut m = vc::RssArrayHdr {
+                vsi_id: 1.into(),
+                len: (bytes.len() as u16).into(),
+            }
+            .as_bytes()
+            .to_vec();
+            m.extend_from_slice(bytes);
+            m.push(0);
+            m
+        };
+        let mut key = MS_KEY.to_vec();
+        key.resize(52, 0);
+        let input = [169, 254, 0, 1, 169, 254, 0, 2, 0x03, 0xe8, 0x07, 0xd0];
+        let hash = toeplitz(&key, &input);
+        assert_ne!(
+            hash % 64,
+            0,
+            "the flow must not use lut[0] under the real key"
+        );
+        // lut[0] = queue 0, every other entry queue 1.
+        let mut lut = [1u8; 64];
+        lut[0] = 0;
+        assert_eq!(d.status(op::CONFIG_RSS_LUT, &array(&lut)), status::SUCCESS);
+        assert_eq!(d.status(op::CONFIG_RSS_KEY, &array(&key)), status::SUCCESS);
+        let f = ipv4(6, 20, b"key", ME);
+        put_frame(&mock, 0, &f);
+        d.wr(QRX_TAIL + 4, 63);
+        assert!(wait_until(|| rx_qw(&d, 1, 0).1 & 1 == 1));
+        assert_eq!(rx_qw(&d, 1, 0).0 >> 32, u64::from(hash));
+        // Zero key: hash 0, so lut[0] = queue 0.
+        assert_eq!(
+            d.status(op::CONFIG_RSS_KEY, &array(&[0; 52])),
+            status::SUCCESS
+        );
+        put_frame(&mock, 0, &f);
+        d.wr(QRX_TAIL, 63);
+        assert!(wait_until(|| rx_qw(&d, 0, 0).1 & 1 == 1));
+        assert_eq!(rx_qw(&d, 0, 0).0 >> 32, 0, "hash under a zero key");
+        assert_eq!(rx_qw(&d, 1, 1).1, 0, "nothing more on queue 1");
+        // The real key again: back to queue 1.
+        assert_eq!(d.status(op::CONFIG_RSS_KEY, &array(&key)), status::SUCCESS);
+        put_frame(&mock, 0, &f);
+        d.wr(QRX_TAIL + 4, 63);
+        assert!(wait_until(|| rx_qw(&d, 1, 1).1 & 1 == 1));
+        assert_eq!(rx_qw(&d, 1, 1).0 >> 32, u64::from(hash));
+        assert_eq!(rx_qw(&d, 0, 1).1, 0, "nothing more on queue 0");
     }
 
     /// The AVF NIC and a virtio-net NIC on one in-process L2 switch, each driven by its own
