@@ -339,26 +339,67 @@ impl<D: ServerDevice> Server<D> {
                 return Ok(());
             }
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                self.disconnect("event loop failed");
-                return Err(ServerError::Poll(e));
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    CONN if ev.is_readable() || ev.is_read_closed() || ev.is_error() => {
-                        if let Some(c) = self.conn.as_mut() {
-                            c.want_read = true;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            self.service();
+            self.turn_with(&mut events, timeout)?;
         }
+    }
+
+    /// Adopt an already-connected client stream as if it had been accepted, so a caller
+    /// can drive the server on its own thread with [`Server::turn`] (a fuzzer or test feeds
+    /// one end of a socketpair and reads the replies between turns: no thread hand-offs).
+    /// Fails with `AddrInUse` while a client is connected.
+    pub fn connect_stream(&mut self, stream: std::os::unix::net::UnixStream) -> io::Result<()> {
+        if self.conn.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "a client is already connected",
+            ));
+        }
+        stream.set_nonblocking(true)?;
+        self.adopt(UnixStream::from_std(stream))
+    }
+
+    /// One iteration of the event loop: wait at most `timeout` (`None`: forever) for
+    /// socket events, then read, dispatch and flush what can be done without blocking.
+    /// [`Server::run`] is this in a loop; new clients on the listener are accepted here too.
+    pub fn turn(&mut self, timeout: Option<Duration>) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(16);
+        let timeout = match (timeout, self.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.turn_with(&mut events, timeout)
+    }
+
+    /// Whether a client is connected (false again once it disconnected and was cleaned up).
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    fn turn_with(
+        &mut self,
+        events: &mut Events,
+        timeout: Option<Duration>,
+    ) -> Result<(), ServerError> {
+        if let Err(e) = self.poll.poll(events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            self.disconnect("event loop failed");
+            return Err(ServerError::Poll(e));
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                CONN if ev.is_readable() || ev.is_read_closed() || ev.is_error() => {
+                    if let Some(c) = self.conn.as_mut() {
+                        c.want_read = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.service();
+        Ok(())
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -371,10 +412,38 @@ impl<D: ServerDevice> Server<D> {
             .map(|d| d + Duration::from_millis(1))
     }
 
+    /// Make `stream` the connection (there is none).
+    fn adopt(&mut self, mut stream: UnixStream) -> io::Result<()> {
+        self.poll
+            .registry()
+            .register(&mut stream, CONN, Interest::READABLE)?;
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        log::info!("vfio-user: client connected");
+        self.conn = Some(Conn {
+            stream,
+            gen,
+            decoder: Decoder::new(),
+            out: OutQueue::default(),
+            writable_armed: false,
+            want_read: true,
+            peer: None,
+            layout: DmaLayout::Spec,
+            table: DmaTable::new(self.options.max_dma_maps as usize),
+            pending: HashMap::new(),
+            next_dma_id: 0,
+            transport: None,
+            dma_rx: self.dma_rx.clone(),
+            msg_timeout: self.options.msg_timeout,
+            doomed: None,
+        });
+        Ok(())
+    }
+
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((stream, _)) => {
                     if self.conn.is_some() {
                         // The previous client may have just closed: take in what it left
                         // (and its EOF) before deciding that this one is a second client.
@@ -385,34 +454,10 @@ impl<D: ServerDevice> Server<D> {
                         drop(stream);
                         continue;
                     }
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .register(&mut stream, CONN, Interest::READABLE)
-                    {
+                    if let Err(e) = self.adopt(stream) {
                         log::error!("vfio-user: cannot register client: {e}");
                         continue;
                     }
-                    let gen = self.next_gen;
-                    self.next_gen += 1;
-                    log::info!("vfio-user: client connected");
-                    self.conn = Some(Conn {
-                        stream,
-                        gen,
-                        decoder: Decoder::new(),
-                        out: OutQueue::default(),
-                        writable_armed: false,
-                        want_read: true,
-                        peer: None,
-                        layout: DmaLayout::Spec,
-                        table: DmaTable::new(self.options.max_dma_maps as usize),
-                        pending: HashMap::new(),
-                        next_dma_id: 0,
-                        transport: None,
-                        dma_rx: self.dma_rx.clone(),
-                        msg_timeout: self.options.msg_timeout,
-                        doomed: None,
-                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -892,3 +892,61 @@ fn dma_reply_parsing_is_tolerant() {
     assert!(parse_dma_reply(DmaLayout::Spec, &pw, &mk(spec.clone()[..16].to_vec())).is_ok());
     assert!(parse_dma_reply(DmaLayout::Spec, &pw, &mk(vec![9; 16])).is_err());
 }
+
+/// A stream adopted with `connect_stream` is served on the calling thread, one `turn` at a
+/// time: a request split over two writes is reassembled, fds reach the device, a second
+/// stream is refused while one is connected, and EOF disconnects and cleans up.
+#[test]
+fn adopted_stream_is_served_on_the_calling_thread() {
+    let path = std::env::temp_dir().join(format!("emudev-vu-turn-{}.sock", std::process::id()));
+    let (dev, s) = TestDev::new();
+    let mut server = Server::bind(&path, dev, ServerOptions::default()).unwrap();
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    server.connect_stream(theirs).unwrap();
+    assert!(server.is_connected());
+    let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert_eq!(
+        server.connect_stream(b).unwrap_err().kind(),
+        io::ErrorKind::AddrInUse
+    );
+    let mut c = Client::from_stream(mine).unwrap();
+    let turn = |srv: &mut Server<TestDev>| srv.turn(Some(Duration::ZERO)).unwrap();
+
+    let payload = caps::format_client_request(
+        wire::MAX_MSG_FDS as u32,
+        wire::MAX_DATA_XFER_SIZE as u64,
+        65535,
+    );
+    let req = codec::request(0, cmd::VERSION, false, &[&payload]);
+    c.send_raw(&req[..7], &[]).unwrap();
+    turn(&mut server);
+    assert!(s.lock().unwrap().events.is_empty());
+    c.send_raw(&req[7..], &[]).unwrap();
+    turn(&mut server);
+    let m = c.recv_raw().unwrap();
+    assert_eq!((m.header.command, m.header.error), (cmd::VERSION, 0));
+
+    let ram = memfd(0x4000);
+    let map = wire::DmaMap {
+        argsz: std::mem::size_of::<wire::DmaMap>() as u32,
+        flags: wire::dma_flags::READ | wire::dma_flags::WRITE,
+        offset: 0,
+        address: 0x10_0000,
+        size: 0x4000,
+    };
+    let req = codec::request(1, cmd::DMA_MAP, false, &[map.as_bytes()]);
+    c.send_raw(&req, &[ram.as_fd()]).unwrap();
+    turn(&mut server);
+    let m = c.recv_raw().unwrap();
+    assert_eq!((m.header.command, m.header.error), (cmd::DMA_MAP, 0));
+    assert_eq!(s.lock().unwrap().table_len, 1);
+
+    drop(c);
+    server.turn(Some(Duration::from_secs(5))).unwrap();
+    assert!(!server.is_connected());
+    let ev = s.lock().unwrap().events.clone();
+    assert_eq!(&ev[ev.len() - 2..], ["unmap 1", "detach"]);
+    assert_eq!(s.lock().unwrap().table_len, 0);
+    let (_x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+    server.connect_stream(y).unwrap();
+}
