@@ -4,15 +4,19 @@
 //! descriptors and tail doorbells, admin-queue descriptors with arbitrary flags, lengths,
 //! buffer addresses and virtchnl payloads, any BAR0 register write or read, guest RAM
 //! scribbles (rings and buffers change under the device), frames from the backend, and
-//! device resets. The admin-queue worker and datapath poller run on their own threads.
+//! device resets. The admin-queue worker runs on its own thread; the datapath is a task on
+//! one process-wide poller pool (created once, like a daemon's shared pool) that sleeps as
+//! soon as it is idle, so the fuzz thread's waits do not compete with an idle spin.
 //!
 //! Input: 20-byte ops `[kind, a, b, c, value(16)]`.
 
 #![no_main]
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use emudev::poller::{PollConfig, PollerPool};
 use emudev::transport::InProc;
 use emudev_avf::adminq::{aq_op, flags, AqDesc};
 use emudev_avf::regs::*;
@@ -164,11 +168,24 @@ impl Drv {
     }
 }
 
+fn pool() -> Arc<PollerPool> {
+    static POOL: OnceLock<Arc<PollerPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cfg = PollConfig {
+            idle_before_sleep: Duration::ZERO,
+            max_idle_spin: Duration::ZERO,
+            ..PollConfig::default()
+        };
+        PollerPool::new(1, cfg).expect("poller pool")
+    })
+    .clone()
+}
+
 fuzz_target!(|data: &[u8]| {
     let backend = Backend::default();
     let inbox = backend.0.clone();
     let cfg = VfConfig::default();
-    let Ok(dev) = AvfDevice::new("fuzz-avf", cfg, Some(Arc::new(backend))) else {
+    let Ok(dev) = AvfDevice::with_poller("fuzz-avf", cfg, Some(Arc::new(backend)), pool()) else {
         return;
     };
     let Ok(io) = InProc::new(dev, 1) else { return };

@@ -1,9 +1,11 @@
 //! Stateful fuzzing of the vfio-user server: the input is a stream of client messages fed to
-//! a live `Server` (running on a thread of this process, with the gpio-like test device)
-//! over a real UNIX socket, split into chunks to exercise reassembly, with fds attached
-//! where the commands take them. Each input is one client connection; the server must
-//! neither panic nor hang (every input must end with the server closing our connection
-//! within 5 s after we close our side).
+//! a live `Server` (with the gpio-like test device) over a real UNIX socket, split into
+//! chunks to exercise reassembly, with fds attached where the commands take them. Each
+//! input is one client connection to the server's listener; the server runs on this thread,
+//! one `Server::turn` (accept, read, dispatch, flush) after each chunk we write, so every
+//! chunk is read on its own and an input costs no thread hand-offs. The server must neither
+//! panic nor hang (every input must end with the server closing the connection within 5 s
+//! after we close our side).
 //!
 //! Input layout: byte 0 is a control byte, the rest is the message stream.
 //! - bit 0: prepend a valid VERSION (so random inputs get past negotiation);
@@ -13,55 +15,64 @@
 
 #![no_main]
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use emudev_tests::device::TestDevice;
 use emudev_tests::raw::{self, version_request, QEMU_CAPS_JSON};
 use emudev_vfio_user::socket::{recv_with_fds, send_with_fds};
 use emudev_vfio_user::wire::{cmd, Header, IrqSet};
-use emudev_vfio_user::{Server, ServerHandle, ServerOptions};
+use emudev_vfio_user::{Server, ServerOptions};
 use libfuzzer_sys::fuzz_target;
 use zerocopy::FromBytes;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-struct Live {
-    path: PathBuf,
-    _handle: ServerHandle,
+/// Fds the inputs attach; shared by every input (the server only reads them).
+struct Fds {
     ram: OwnedFd,
     eventfds: Vec<OwnedFd>,
 }
 
-fn live() -> &'static Live {
-    static LIVE: OnceLock<Live> = OnceLock::new();
-    LIVE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("emudev-fuzz-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("server.sock");
-        let (dev, _h) = TestDevice::new();
-        let server = Server::bind(
-            &path,
-            dev,
-            ServerOptions {
-                max_dma_maps: 64,
-                ..Default::default()
-            },
-        )
-        .expect("bind fuzz server");
-        let (handle, _join) = server.spawn();
-        Live {
-            path,
-            _handle: handle,
+struct Live {
+    server: Server<TestDevice>,
+    path: PathBuf,
+    fds: Fds,
+}
+
+thread_local! {
+    /// One server for the process (device state persists across inputs, as with a real
+    /// server serving one client after another); libFuzzer calls us on one thread.
+    static LIVE: RefCell<Option<Live>> = const { RefCell::new(None) };
+}
+
+fn new_live() -> Live {
+    let dir = std::env::temp_dir().join(format!("emudev-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("server.sock");
+    let (dev, _h) = TestDevice::new();
+    let server = Server::bind(
+        &path,
+        dev,
+        ServerOptions {
+            max_dma_maps: 64,
+            ..Default::default()
+        },
+    )
+    .expect("bind fuzz server");
+    Live {
+        server,
+        path,
+        fds: Fds {
             // Sparse; large enough for the 1 GiB guest-RAM maps of the QEMU captures.
             ram: raw::memfd(1 << 30),
             eventfds: (0..16).map(|_| raw::eventfd()).collect(),
-        }
-    })
+        },
+    }
 }
 
 /// Split `stream` into messages by their headers (clamped to what is there), so fds can be
@@ -81,7 +92,7 @@ fn messages(stream: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-fn fds_for<'a>(live: &'a Live, m: &[u8], ctl: u8) -> Vec<BorrowedFd<'a>> {
+fn fds_for<'a>(live: &'a Fds, m: &[u8], ctl: u8) -> Vec<BorrowedFd<'a>> {
     if ctl & 2 == 0 {
         return Vec::new();
     }
@@ -118,18 +129,17 @@ fn drain(sock: &UnixStream, buf: &mut [u8]) -> io::Result<bool> {
     }
 }
 
-fn wait_io(sock: &UnixStream, write: bool) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut f = PollFlags::POLLIN;
-    if write {
-        f |= PollFlags::POLLOUT;
+/// Let the server do what it can without blocking.
+fn turn(server: &mut Server<TestDevice>) {
+    if let Err(e) = server.turn(Some(Duration::ZERO)) {
+        panic!("server event loop failed: {e}");
     }
-    let mut p = [PollFd::new(sock.as_fd(), f)];
-    let _ = poll(&mut p, PollTimeout::from(100u16));
 }
 
-/// Send `bytes` (fds on the first byte), draining replies whenever the socket is full.
+/// Send `bytes` (fds on the first byte); whenever the socket is full, let the server read
+/// and drain its replies.
 fn send_chunk(
+    server: &mut Server<TestDevice>,
     sock: &UnixStream,
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
@@ -149,32 +159,33 @@ fn send_chunk(
                 if start.elapsed() > DEADLINE {
                     panic!("server stopped reading for {DEADLINE:?}");
                 }
+                turn(server);
                 match drain(sock, buf) {
                     Ok(true) | Err(_) => return false,
-                    Ok(false) => wait_io(sock, true),
+                    Ok(false) => {}
                 }
             }
-            // The server may close on us (e.g. refused as a second client); fine.
+            // The server may close on us (e.g. a doomed stream); fine.
             Err(_) => return false,
         }
     }
     true
 }
 
-fn run(data: &[u8]) {
+fn run(live: &mut Live, data: &[u8]) {
     let Some((&ctl, stream)) = data.split_first() else {
         return;
     };
-    let live = live();
+    let Live { server, path, fds } = live;
     let start = Instant::now();
-    // The previous connection may still be closing on the server side.
-    let sock = loop {
-        match UnixStream::connect(&live.path) {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < DEADLINE => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => panic!("cannot connect to the server: {e}"),
+    // A UNIX connect completes on the listener's backlog; the next turn accepts it.
+    let sock = UnixStream::connect(&*path).expect("connect to the fuzz server");
+    while !server.is_connected() {
+        if start.elapsed() > DEADLINE {
+            panic!("server did not accept within {DEADLINE:?}");
         }
-    };
+        turn(server);
+    }
     sock.set_nonblocking(true).expect("nonblocking");
     let mut buf = vec![0u8; 1 << 16];
     let version = version_request(0, 0, 0, Some(QEMU_CAPS_JSON));
@@ -185,7 +196,7 @@ fn run(data: &[u8]) {
     msgs.extend(messages(stream));
     let mut seed = u32::from(ctl >> 3);
     'send: for m in msgs {
-        let fds = fds_for(live, m, ctl);
+        let f = fds_for(fds, m, ctl);
         // Chunk pattern: whole message, or pieces of 1..=17 bytes from a tiny LCG.
         let mut off = 0;
         let mut first = true;
@@ -197,10 +208,13 @@ fn run(data: &[u8]) {
                 (((seed >> 16) % 17) + 1) as usize
             };
             let end = (off + n).min(m.len());
-            let f: &[BorrowedFd<'_>] = if first { &fds } else { &[] };
-            if !send_chunk(&sock, &m[off..end], f, &mut buf, start) {
+            let fl: &[BorrowedFd<'_>] = if first { &f } else { &[] };
+            if !send_chunk(server, &sock, &m[off..end], fl, &mut buf, start) {
                 break 'send;
             }
+            // The server reads each chunk on its own: reassembly is exercised exactly as
+            // the split pattern says (deterministically, unlike a racing server thread).
+            turn(server);
             off = end;
             first = false;
         }
@@ -208,17 +222,24 @@ fn run(data: &[u8]) {
     // Close our side; the server must finish and close its side.
     let _ = sock.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + DEADLINE;
-    loop {
-        match drain(&sock, &mut buf) {
-            Ok(true) | Err(_) => break,
-            Ok(false) => {
-                if Instant::now() > deadline {
-                    panic!("server did not close the connection within {DEADLINE:?} after EOF");
-                }
-                wait_io(&sock, false);
-            }
+    while server.is_connected() {
+        if Instant::now() > deadline {
+            panic!("server did not close the connection within {DEADLINE:?} after EOF");
+        }
+        turn(server);
+        if let Ok(true) | Err(_) = drain(&sock, &mut buf) {
+            // Our side saw EOF: the server closed; one more turn finishes its cleanup.
+            turn(server);
         }
     }
+    // Replies it flushed before closing.
+    let _ = drain(&sock, &mut buf);
 }
 
-fuzz_target!(|data: &[u8]| run(data));
+fuzz_target!(|data: &[u8]| {
+    LIVE.with(|l| {
+        let mut l = l.borrow_mut();
+        let live = l.get_or_insert_with(new_live);
+        run(live, data);
+    })
+});

@@ -22,7 +22,7 @@ use emudev_blk::device::VirtioBlkDevice;
 use emudev_vfio_user::wire::region_index;
 use emudev_virtio::pci::layout::{VIRTIO_BAR, VIRTIO_BAR_SIZE};
 use emudev_virtio::pci::VirtioPciDevice;
-use emudev_virtio::poller::PollerPool;
+use emudev_virtio::poller::{PollerConfig, PollerPool};
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 
@@ -30,8 +30,10 @@ const MAX_OPS: usize = 256;
 
 fn pool() -> Arc<PollerPool> {
     static POOL: OnceLock<Arc<PollerPool>> = OnceLock::new();
-    POOL.get_or_init(|| PollerPool::new(1).expect("poller pool"))
-        .clone()
+    POOL.get_or_init(|| {
+        PollerPool::with_config(1, PollerConfig::fixed_spin(Duration::ZERO)).expect("poller pool")
+    })
+    .clone()
 }
 
 fuzz_target!(|data: &[u8]| {
