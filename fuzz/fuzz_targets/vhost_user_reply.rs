@@ -31,7 +31,8 @@ fn one_reply(sel: u8, msg: &[u8]) {
         _ => (req::SET_MEM_TABLE, Expect::U64),
     };
     if let Ok(r) = parse_message(msg, request, expect) {
-        if let (emudev_vhost::protocol::Reply::Config(c), Expect::Config { size, .. }) = (&r, expect)
+        if let (emudev_vhost::protocol::Reply::Config(c), Expect::Config { size, .. }) =
+            (&r, expect)
         {
             assert_eq!(c.len(), size as usize);
         }

@@ -170,6 +170,23 @@ pub struct Shared {
     /// Threads waiting in [`Shared::fence_datapath`]; the datapath skips passes meanwhile so
     /// that a busy poller cannot keep re-taking `dp_pass` ahead of them.
     dp_fencing: std::sync::atomic::AtomicUsize,
+    /// Passes run on the thread that kicks ([`AdminMode::Inline`]), not on a worker.
+    inline: bool,
+}
+
+/// Where admin-queue passes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminMode {
+    /// On the device's worker thread (the default): ring and buffer accesses may be DMA
+    /// messages that only the control thread routes, so it must not run them itself.
+    #[default]
+    Worker,
+    /// On the thread that rings the doorbell (or writes a LEN register, or resumes), before
+    /// that call returns; a reset announced by RESET_IMPENDING follows at once instead of
+    /// after [`RESET_IMPENDING_GRACE`]. Only for single-threaded harnesses (fuzzing,
+    /// deterministic tests) whose guest memory is fully mapped: with message-based DMA the
+    /// pass would wait on messages its own thread has to route.
+    Inline,
 }
 
 /// Lock, ignoring poisoning (the state stays consistent: every update is a plain store).
@@ -186,6 +203,10 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Shared {
     pub fn new(vf: VfState, irqs: Irqs) -> std::io::Result<Self> {
+        Self::with_mode(vf, irqs, AdminMode::Worker)
+    }
+
+    pub fn with_mode(vf: VfState, irqs: Irqs, mode: AdminMode) -> std::io::Result<Self> {
         let s = Self {
             regs: RegFile::new(),
             core: Mutex::new(Core {
@@ -211,6 +232,7 @@ impl Shared {
             dp_kick: emudev::doorbell::new_eventfd()?,
             dp_stop: std::sync::atomic::AtomicBool::new(false),
             dp_fencing: std::sync::atomic::AtomicUsize::new(0),
+            inline: mode == AdminMode::Inline,
         };
         s.regs.set(regs::VFGEN_RSTAT, regs::RSTAT_VFACTIVE);
         Ok(s)
@@ -250,11 +272,43 @@ impl Shared {
         lock(&self.core)
     }
 
-    /// Ask the worker for a pass.
+    /// Ask the worker for a pass (inline mode: run it now).
     pub fn kick(&self) {
         let mut w = lock(&self.work);
         w.kick = true;
         self.cv.notify_all();
+        if self.inline && !w.busy {
+            drop(w);
+            self.run_inline();
+        }
+    }
+
+    /// [`AdminMode::Inline`]: run passes (and a reset they announced) until no kick is
+    /// left. A kick arriving meanwhile (from another thread) is picked up by the loop.
+    fn run_inline(&self) {
+        loop {
+            let (mem, reset) = {
+                let mut w = lock(&self.work);
+                if w.shutdown || w.paused || w.busy {
+                    return;
+                }
+                let reset = w.reset_at.take().map(|(_, epoch)| epoch);
+                if reset.is_none() {
+                    if !w.kick {
+                        return;
+                    }
+                    w.kick = false;
+                }
+                w.busy = true;
+                w.pass_mapped = w.mem.all_mapped();
+                (w.mem.clone(), reset)
+            };
+            let again = work_item(self, &mem, reset);
+            let mut w = lock(&self.work);
+            w.busy = false;
+            w.kick |= again;
+            self.cv.notify_all();
+        }
     }
 
     pub fn set_memory(&self, mem: Arc<GuestMemory>) {
@@ -417,22 +471,28 @@ pub fn worker_loop(shared: &Shared) {
             w.pass_mapped = w.mem.all_mapped();
             (w.mem.clone(), reset)
         };
-        let again = match reset {
-            Some(epoch) => {
-                let mut core = shared.core();
-                if shared.epoch.load(Ordering::Acquire) == epoch {
-                    shared.vf_reset(&mut core, false);
-                }
-                drop(core);
-                shared.fence_datapath();
-                false
-            }
-            None => run_pass(shared, &mem),
-        };
+        let again = work_item(shared, &mem, reset);
         let mut w = lock(&shared.work);
         w.busy = false;
         w.kick |= again;
         shared.cv.notify_all();
+    }
+}
+
+/// The deferred reset announced for `reset` (an epoch), if it is still current, or else a
+/// pass. Returns true if work remains.
+fn work_item(shared: &Shared, mem: &GuestMemory, reset: Option<u64>) -> bool {
+    match reset {
+        Some(epoch) => {
+            let mut core = shared.core();
+            if shared.epoch.load(Ordering::Acquire) == epoch {
+                shared.vf_reset(&mut core, false);
+            }
+            drop(core);
+            shared.fence_datapath();
+            false
+        }
+        None => run_pass(shared, mem),
     }
 }
 

@@ -13,7 +13,7 @@ use emudev::{DeviceError, DeviceModel, GuestMemory};
 
 use emudev_netback::{NetBackend, Offloads};
 
-use crate::adminq::{self, Shared};
+use crate::adminq::{self, AdminMode, Shared};
 use crate::datapath::Poller;
 use crate::irq::Irqs;
 use crate::pf::{VfConfig, VfState};
@@ -90,6 +90,30 @@ impl AvfDevice {
         backend: Option<Arc<dyn NetBackend>>,
         pool: Arc<PollerPool>,
     ) -> Result<Self, AvfError> {
+        Self::build(name, cfg, backend, pool, AdminMode::Worker)
+    }
+
+    /// Like [`AvfDevice::with_poller`], with admin-queue passes run synchronously on the
+    /// thread that writes the doorbell ([`AdminMode::Inline`]): no worker thread and no
+    /// cross-thread round trip per message. For single-threaded harnesses (the
+    /// `avf_device` fuzz target) whose guest memory is fully mapped; not for vfio-user
+    /// clients that reach memory by DMA messages.
+    pub fn new_inline(
+        name: &str,
+        cfg: VfConfig,
+        backend: Option<Arc<dyn NetBackend>>,
+        pool: Arc<PollerPool>,
+    ) -> Result<Self, AvfError> {
+        Self::build(name, cfg, backend, pool, AdminMode::Inline)
+    }
+
+    fn build(
+        name: &str,
+        cfg: VfConfig,
+        backend: Option<Arc<dyn NetBackend>>,
+        pool: Arc<PollerPool>,
+        mode: AdminMode,
+    ) -> Result<Self, AvfError> {
         let mut cfg = cfg;
         if let Some(b) = &backend {
             cfg.queue_pairs = cfg.queue_pairs.min(b.max_queue_pairs().max(1));
@@ -143,17 +167,23 @@ impl AvfDevice {
             device: name.to_string(),
             source,
         };
-        let shared = Arc::new(Shared::new(vf, irqs).map_err(thread_err)?);
-        let w = shared.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("{name}-aq"))
-            .spawn(move || adminq::worker_loop(&w))
-            .map_err(thread_err)?;
+        let shared = Arc::new(Shared::with_mode(vf, irqs, mode).map_err(thread_err)?);
+        let worker = match mode {
+            AdminMode::Worker => {
+                let w = shared.clone();
+                let t = std::thread::Builder::new()
+                    .name(format!("{name}-aq"))
+                    .spawn(move || adminq::worker_loop(&w))
+                    .map_err(thread_err)?;
+                Some(t)
+            }
+            AdminMode::Inline => None,
+        };
         let mut dev = Self {
             name: name.to_string(),
             pci,
             shared: shared.clone(),
-            worker: Some(worker),
+            worker,
             datapath: None,
         };
         let dp = Poller::new(shared, backend, pairs);

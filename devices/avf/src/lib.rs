@@ -24,6 +24,7 @@ pub mod regs;
 pub mod rx;
 pub mod virtchnl;
 
+pub use adminq::AdminMode;
 pub use device::{AvfDevice, AvfError};
 pub use pf::VfConfig;
 

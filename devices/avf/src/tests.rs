@@ -50,7 +50,10 @@ impl Drv {
             queue_pairs,
             ..VfConfig::default()
         };
-        let dev = ok(AvfDevice::new("avf-test", cfg, None));
+        Self::with_device(ok(AvfDevice::new("avf-test", cfg, None)))
+    }
+
+    fn with_device(dev: AvfDevice) -> Self {
         let mut d = Self {
             ip: ok(InProc::new(dev, 4)),
             atq_ntu: 0,
@@ -2005,4 +2008,79 @@ mod datapath {
             assert_eq!(d.status(o, &[1, 0, 1, 0, 5, 0]), status::ERR_NOT_SUPPORTED);
         }
     }
+}
+
+/// `AdminMode::Inline`: the pass of a doorbell, and a reset it announces, are done when the
+/// register write returns; no worker thread exists.
+#[test]
+fn inline_admin_mode_finishes_each_doorbell_before_the_write_returns() {
+    let pool = ok(emudev::poller::PollerPool::new(
+        1,
+        emudev::poller::PollConfig::default(),
+    ));
+    let cfg = VfConfig {
+        queue_pairs: 4,
+        ..VfConfig::default()
+    };
+    let dev = ok(AvfDevice::new_inline("avf-inl", cfg, None, pool));
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|c| c.trim() == "avf-inl-aq")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(threads, 0, "no admin-queue worker thread");
+    let mut d = Drv::with_device(dev);
+    let v = vc::VersionInfo {
+        major: 1.into(),
+        minor: 1.into(),
+    };
+    let buf = ATQ_BUFS;
+    d.put(buf, v.as_bytes());
+    let desc = AqDesc {
+        flags: (flags::SI | flags::BUF | flags::RD).into(),
+        opcode: aq_op::SEND_TO_PF.into(),
+        datalen: (v.as_bytes().len() as u16).into(),
+        cookie_high: op::VERSION.into(),
+        addr_low: (buf as u32).into(),
+        ..AqDesc::default()
+    };
+    d.push(desc);
+    // No waiting: the descriptor is written back and the reply is on the ARQ already.
+    let done = d.desc(ATQ_BASE);
+    assert_eq!(done.flags.get() & flags::DD, flags::DD);
+    let reply = d.desc(ARQ_BASE);
+    assert_eq!(reply.flags.get() & flags::DD, flags::DD);
+    assert_eq!(reply.cookie_high.get(), op::VERSION);
+    assert_eq!(d.recv().0, op::VERSION);
+    d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
+    // REQUEST_QUEUES: reply, RESET_IMPENDING, and the reset itself within the doorbell.
+    let ntc = u64::from(d.arq_ntc);
+    let buf = ATQ_BUFS + u64::from(d.atq_ntu) * 4096;
+    d.put(buf, &2u16.to_le_bytes());
+    d.push(AqDesc {
+        flags: (flags::SI | flags::BUF | flags::RD).into(),
+        opcode: aq_op::SEND_TO_PF.into(),
+        datalen: 2.into(),
+        cookie_high: op::REQUEST_QUEUES.into(),
+        addr_low: (buf as u32).into(),
+        ..AqDesc::default()
+    });
+    assert_eq!(
+        d.desc(ARQ_BASE + ntc * 32).cookie_high.get(),
+        op::REQUEST_QUEUES
+    );
+    let ev = d.desc(ARQ_BASE + ((ntc + 1) % u64::from(RING)) * 32);
+    assert_eq!(ev.cookie_high.get(), op::EVENT);
+    assert_eq!(
+        d.rd(VF_ARQLEN) & AQ_LEN_ENABLE,
+        0,
+        "the reset tore the AQ down"
+    );
+    assert_eq!(d.rd(VFGEN_RSTAT), RSTAT_VFACTIVE, "and finished");
+    d.init_aq();
+    let (_, res) = d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
+    assert_eq!(&res[2..4], &2u16.to_le_bytes(), "two queue pairs now");
 }
