@@ -6,7 +6,9 @@
 # change to 9000 (a VF reset: RESET_VF, AQ re-init, renegotiation) with 8000-byte pings
 # (multi-descriptor RX), `ethtool -L combined 1` (another reset), a ping, `ethtool -S`,
 # RSS (below), a UDP flood at unbounded rate both ways followed by TCP and ping, and
-# promiscuous mode. dmesg must show no iavf errors (a TX hang or reset would).
+# promiscuous mode, and a PCI function-level reset under the bound driver (the device
+# resets as for DEVICE_RESET; iavf's watchdog sees "Hardware reset detected" and rebuilds),
+# after which ping and TCP work again. dmesg must show no iavf errors (a TX hang would).
 # RSS: `ethtool -x` shows the 64-entry LUT and the 52-byte key; `ethtool -X` sets them
 # (CONFIG_RSS_LUT/KEY) and the per-queue RX counters of 16 flows from the namespace show the
 # device follows: `equal 1` puts all on queue 0, a zero key too (every hash is 0, so
@@ -144,6 +146,12 @@ ethtool -L \$IF combined 1 || exit 22
 reach 169.254.78.1 || exit 23
 ping -c 3 -W 3 169.254.78.1 || exit 23
 echo AVF-CHANNELS-OK
+echo "== PCI function-level reset under the bound driver (echo 1 > device/reset)"
+echo 1 > /sys/class/net/\$IF/device/reset || exit 24
+reach 169.254.78.1 || exit 25
+ping -c 3 -W 3 169.254.78.1 || exit 25
+iperf_log -t 2 || exit 25
+echo AVF-FLR-OK
 ethtool -S \$IF | head -20
 ip -s link show \$IF
 dmesg | grep -i iavf
