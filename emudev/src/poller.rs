@@ -18,7 +18,7 @@
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -207,6 +207,8 @@ pub struct PollerPool {
     name: String,
     threads: Vec<ThreadHandle>,
     next_id: AtomicU64,
+    /// [`PollerPool::manual`]: the one "thread" is this worker, run by the owner.
+    manual: Option<Mutex<Worker>>,
 }
 
 impl std::fmt::Debug for PollerPool {
@@ -236,6 +238,7 @@ impl PollerPool {
             name: name.to_string(),
             threads: Vec::with_capacity(n),
             next_id: AtomicU64::new(1),
+            manual: None,
         };
         for i in 0..n {
             let (tx, rx) = unbounded();
@@ -275,6 +278,62 @@ impl PollerPool {
             });
         }
         Ok(Arc::new(pool))
+    }
+
+    /// A pool without threads: its tasks are polled only by [`PollerPool::poll_manual`],
+    /// on the caller's thread, and [`TaskHandle::remove`] drops the task at once. For
+    /// deterministic single-threaded harnesses (fuzz targets, tests), where a polling
+    /// thread would only add context switches and scheduling noise. A task must not add or
+    /// remove tasks of this pool from its `poll` (the pool is locked meanwhile).
+    pub fn manual(name: &str) -> Result<Arc<Self>, PollerError> {
+        let (tx, rx) = unbounded();
+        let wake = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(|e| PollerError::Io {
+                    pool: name.to_string(),
+                    what: "control eventfd",
+                    source: e.into(),
+                })?,
+        );
+        let tasks = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(ThreadStats::default());
+        let worker = Worker {
+            rx,
+            wake: wake.clone(),
+            cfg: PollConfig::default(),
+            tasks: Vec::new(),
+            count: tasks.clone(),
+            stats: stats.clone(),
+            fds: Vec::new(),
+            pollfds: Vec::new(),
+        };
+        Ok(Arc::new(Self {
+            name: name.to_string(),
+            threads: vec![ThreadHandle {
+                tx,
+                wake,
+                join: None,
+                id: std::thread::current().id(),
+                tasks,
+                stats,
+            }],
+            next_id: AtomicU64::new(1),
+            manual: Some(Mutex::new(worker)),
+        }))
+    }
+
+    /// [`PollerPool::manual`] pools: apply pending adds and removes, then poll every task
+    /// once. Returns the work done (0 on a threaded pool, whose threads poll by themselves).
+    pub fn poll_manual(&self) -> usize {
+        let Some(m) = &self.manual else {
+            return 0;
+        };
+        let mut w = m.lock().unwrap_or_else(PoisonError::into_inner);
+        if !w.handle_ctl() {
+            return 0;
+        }
+        bump(&w.stats.iterations);
+        w.poll_all()
     }
 
     pub fn thread_count(&self) -> usize {
@@ -404,6 +463,11 @@ impl TaskHandle {
             return; // The thread is gone, and its tasks with it.
         }
         let _ = th.wake.write(1);
+        if let Some(m) = &self.pool.manual {
+            // No thread: apply the removal here (the pool lock waits out a poll_manual).
+            m.lock().unwrap_or_else(PoisonError::into_inner).handle_ctl();
+            return;
+        }
         if std::thread::current().id() == th.id {
             // Removed from a task of the same thread: it is dropped after this iteration;
             // waiting here would deadlock.
@@ -688,6 +752,27 @@ mod tests {
             last = now;
         }
         panic!("poller thread never went to sleep");
+    }
+
+    #[test]
+    fn a_manual_pool_polls_only_when_asked_and_removes_at_once() {
+        let p = PollerPool::manual("m").unwrap();
+        let a = Probe::new();
+        let h = p.add("a", a.task(false)).unwrap();
+        a.post(3);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(a.polls.load(Ordering::SeqCst), 0, "no thread polls it");
+        assert_eq!(p.poll_manual(), 1);
+        assert_eq!(p.poll_manual(), 1);
+        assert_eq!(a.done.load(Ordering::SeqCst), 2);
+        assert_eq!(p.task_count(), 1);
+        h.remove();
+        assert!(a.dropped.load(Ordering::SeqCst), "dropped by remove()");
+        assert_eq!(p.task_count(), 0);
+        assert_eq!(p.poll_manual(), 0);
+        assert_eq!(a.done.load(Ordering::SeqCst), 2, "never polled after remove()");
+        // A threaded pool's poll_manual does nothing.
+        assert_eq!(pool(1).poll_manual(), 0);
     }
 
     #[test]

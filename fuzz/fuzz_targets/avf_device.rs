@@ -6,18 +6,18 @@
 //! scribbles (rings and buffers change under the device), frames from the backend, and
 //! device resets. Admin-queue passes run inline on the fuzz thread (`AvfDevice::new_inline`:
 //! the same pass code as the worker, without a thread and round trip per message; an
-//! announced reset follows at once); the datapath is a task on one process-wide poller pool
-//! (created once, like a daemon's shared pool) that sleeps as soon as it is idle.
+//! announced reset follows at once); the datapath is a task on a manual poller pool
+//! (`PollerPool::manual`) that the fuzz thread polls after every operation until it is idle
+//! (at most 4 passes), so inputs replay deterministically and without thread switches.
 //!
 //! Input: 20-byte ops `[kind, a, b, c, value(16)]`.
 
 #![no_main]
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use emudev::poller::{PollConfig, PollerPool};
+use emudev::poller::PollerPool;
 use emudev::transport::InProc;
 use emudev_avf::adminq::{aq_op, flags, AqDesc};
 use emudev_avf::regs::*;
@@ -169,29 +169,30 @@ impl Drv {
     }
 }
 
-fn pool() -> Arc<PollerPool> {
-    static POOL: OnceLock<Arc<PollerPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let cfg = PollConfig {
-            idle_before_sleep: Duration::ZERO,
-            max_idle_spin: Duration::ZERO,
-            ..PollConfig::default()
-        };
-        PollerPool::new(1, cfg).expect("poller pool")
-    })
-    .clone()
+/// Run the datapath task until it is idle (bounded: a hostile ring may keep it busy).
+fn run_datapath(pool: &PollerPool) {
+    for _ in 0..4 {
+        if pool.poll_manual() == 0 {
+            break;
+        }
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
     let backend = Backend::default();
     let inbox = backend.0.clone();
     let cfg = VfConfig::default();
-    let Ok(dev) = AvfDevice::new_inline("fuzz-avf", cfg, Some(Arc::new(backend)), pool()) else {
+    let Ok(pool) = PollerPool::manual("fuzz-avf-dp") else {
+        return;
+    };
+    let Ok(dev) = AvfDevice::new_inline("fuzz-avf", cfg, Some(Arc::new(backend)), pool.clone())
+    else {
         return;
     };
     let Ok(io) = InProc::new(dev, 1) else { return };
     let mut d = Drv { io, ntu: 0 };
     d.bring_up();
+    run_datapath(&pool);
     for o in data.chunks_exact(20).take(MAX_OPS) {
         let (kind, a, b, c) = (o[0], o[1], o[2], o[3]);
         let v = &o[4..20];
@@ -249,5 +250,6 @@ fuzz_target!(|data: &[u8]| {
                 d.bring_up();
             }
         }
+        run_datapath(&pool);
     }
 });
