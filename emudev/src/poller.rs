@@ -465,7 +465,9 @@ impl TaskHandle {
         let _ = th.wake.write(1);
         if let Some(m) = &self.pool.manual {
             // No thread: apply the removal here (the pool lock waits out a poll_manual).
-            m.lock().unwrap_or_else(PoisonError::into_inner).handle_ctl();
+            m.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .handle_ctl();
             return;
         }
         if std::thread::current().id() == th.id {
@@ -770,7 +772,11 @@ mod tests {
         assert!(a.dropped.load(Ordering::SeqCst), "dropped by remove()");
         assert_eq!(p.task_count(), 0);
         assert_eq!(p.poll_manual(), 0);
-        assert_eq!(a.done.load(Ordering::SeqCst), 2, "never polled after remove()");
+        assert_eq!(
+            a.done.load(Ordering::SeqCst),
+            2,
+            "never polled after remove()"
+        );
         // A threaded pool's poll_manual does nothing.
         assert_eq!(pool(1).poll_manual(), 0);
     }
