@@ -4,7 +4,8 @@
 # offloads (TX checksum and TSO, passed to the tap as a vnet header), no TCP/UDP checksum
 # errors on either side (RX checksum status is reported in the descriptors); then an MTU
 # change to 9000 (a VF reset: RESET_VF, AQ re-init, renegotiation) with 8000-byte pings
-# (multi-descriptor RX), `ethtool -L combined 1` (another reset), a ping, `ethtool -S`,
+# (multi-descriptor RX), `ethtool -L combined 1` (another reset), a ping, and `ethtool -S`,
+# all while a 30 s iperf3 TCP run flows (it must survive both resets and exit 0),
 # RSS (below), a UDP flood at unbounded rate both ways followed by TCP and ping, and
 # promiscuous mode, and a PCI function-level reset under the bound driver (the device
 # resets as for DEVICE_RESET; iavf's watchdog sees "Hardware reset detected" and rebuilds),
@@ -137,7 +138,11 @@ ip link set \$IF promisc on || exit 18
 reach 169.254.78.1 || exit 18
 ip link set \$IF promisc off || exit 18
 reach 169.254.78.1 || exit 18
-echo "== MTU 9000 (VF reset)"
+echo "== while TCP flows (background iperf3): ethtool -S, MTU 9000 (VF reset), ethtool -L"
+timeout 120 iperf3 -c 169.254.78.1 -p \$P -t 30 -f m >/tmp/bg-iperf.log 2>&1 &
+BG=\$!; P=\$((P + 1))
+sleep 3
+ethtool -S \$IF | grep -E "^ +(rx|tx)_(bytes|unicast):" || exit 26
 ip link set \$IF mtu 9000 || exit 20
 reach -s 8000 169.254.78.1 || exit 21
 ping -c 3 -W 3 -s 8000 169.254.78.1 || exit 21
@@ -145,7 +150,11 @@ echo AVF-MTU-OK
 ethtool -L \$IF combined 1 || exit 22
 reach 169.254.78.1 || exit 23
 ping -c 3 -W 3 169.254.78.1 || exit 23
+ethtool -S \$IF | grep -E "^ +(rx|tx)_(bytes|unicast):" || exit 26
+wait \$BG; bg=\$?; tail -4 /tmp/bg-iperf.log
+[ \$bg = 0 ] || { echo "background iperf3 across the resets failed: rc=\$bg"; exit 26; }
 echo AVF-CHANNELS-OK
+echo AVF-WHILE-TRAFFIC-OK
 echo "== PCI function-level reset under the bound driver (echo 1 > device/reset)"
 echo 1 > /sys/class/net/\$IF/device/reset || exit 24
 reach 169.254.78.1 || exit 25
