@@ -35,11 +35,6 @@ struct Shared {
     kicks: Vec<(u16, Kick)>,
     error_cb: Option<QueueErrorCallback>,
     fail_start: bool,
-    /// Leave memory_changed / queue_stop completions pending in `held_*`.
-    hold_memory: bool,
-    hold_stops: bool,
-    held_memory: Vec<crate::engine::Completer>,
-    held_stops: Vec<crate::engine::Completer<QueueState>>,
 }
 
 struct MockEngine(Arc<Mutex<Shared>>);
@@ -50,13 +45,11 @@ impl Engine for MockEngine {
         Completion::ready(Ok(()))
     }
     fn memory_changed(&mut self, mem: Arc<GuestMemory>) -> Completion {
-        let mut s = self.0.lock().unwrap();
-        s.events.push(Ev::Memory(mem.region_count()));
-        if s.hold_memory {
-            let (c, done) = Completion::pair();
-            s.held_memory.push(c);
-            return done;
-        }
+        self.0
+            .lock()
+            .unwrap()
+            .events
+            .push(Ev::Memory(mem.region_count()));
         Completion::ready(Ok(()))
     }
     fn queue_start(
@@ -79,13 +72,7 @@ impl Engine for MockEngine {
         Completion::ready(Ok(()))
     }
     fn queue_stop(&mut self, qidx: u16) -> Completion<QueueState> {
-        let mut s = self.0.lock().unwrap();
-        s.events.push(Ev::Stop(qidx));
-        if s.hold_stops {
-            let (c, done) = Completion::pair();
-            s.held_stops.push(c);
-            return done;
-        }
+        self.0.lock().unwrap().events.push(Ev::Stop(qidx));
         Completion::ready(Ok(QueueState::default()))
     }
     fn kick(&mut self, _qidx: u16) {}
@@ -186,8 +173,8 @@ fn mock_dev(shared: &Arc<Mutex<Shared>>, sizes: &[u16]) -> MockDev {
 fn device() -> (VirtioPciDevice<MockDev>, Arc<Mutex<Shared>>) {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let d = VirtioPciDevice::new("vblk-test", mock_dev(&shared, &[256, 128])).unwrap();
-    // Nothing runs yet: the (empty) memory is handed over at the first queue start.
-    assert_eq!(events(&shared), vec![]);
+    // The engine gets (empty) memory before anything else.
+    assert_eq!(events(&shared), vec![Ev::Memory(0)]);
     (d, shared)
 }
 
@@ -328,9 +315,6 @@ fn bring_up_starts_queues_after_features() {
     assert_eq!(bring_up(&mut d, f), 0xf);
     let ev = events(&s);
     assert_eq!(ev[0], Ev::Features(f));
-    // The (coalesced) memory reaches the engine right before the first start.
-    assert_eq!(ev[1], Ev::Memory(0));
-    let ev = ev[1..].to_vec();
     assert_eq!(
         ev[1],
         Ev::Start(
@@ -384,10 +368,7 @@ fn queue_enabled_after_driver_ok_starts_at_enable() {
     wr(&mut d, co::QUEUE_ENABLE, 2, 1);
     wr(&mut d, co::DEVICE_STATUS, 1, 0xf);
     let ev = events(&s);
-    assert!(matches!(
-        ev.as_slice(),
-        [Ev::Features(_), Ev::Memory(0), Ev::Start(1, _)]
-    ));
+    assert!(matches!(ev.as_slice(), [Ev::Features(_), Ev::Start(1, _)]));
     wr(&mut d, co::QUEUE_SELECT, 2, 0);
     wr(&mut d, co::QUEUE_ENABLE, 2, 1);
     assert!(matches!(events(&s).as_slice(), [Ev::Start(0, _)]));
@@ -646,13 +627,6 @@ fn pci_cfg_window_reaches_the_bar() {
 #[test]
 fn quiesce_pauses_the_engine_around_the_memory_switch() {
     let (mut d, s) = device();
-    // Nothing runs: nothing to pause.
-    d.quiesce().unwrap();
-    d.set_memory(Arc::new(GuestMemory::empty()));
-    d.resume();
-    assert_eq!(events(&s), vec![Ev::Memory(0)]);
-    bring_up(&mut d, VIRTIO_F_VERSION_1);
-    events(&s);
     d.quiesce().unwrap();
     d.quiesce().unwrap();
     d.set_memory(Arc::new(GuestMemory::empty()));
@@ -660,6 +634,8 @@ fn quiesce_pauses_the_engine_around_the_memory_switch() {
     d.resume();
     assert_eq!(events(&s), vec![Ev::Pause, Ev::Memory(0), Ev::Resume]);
     // A client that goes away while paused: queues stop, the pause is lifted.
+    bring_up(&mut d, VIRTIO_F_VERSION_1);
+    events(&s);
     d.quiesce().unwrap();
     d.stop();
     assert_eq!(
@@ -774,7 +750,6 @@ fn seabios_order_queue_before_features() {
         events(&s),
         vec![
             Ev::Features(VIRTIO_F_VERSION_1),
-            Ev::Memory(0),
             Ev::Start(
                 0,
                 QueueConfig {
@@ -787,135 +762,6 @@ fn seabios_order_queue_before_features() {
             )
         ]
     );
-}
-
-/// With no queue running, memory switches and quiesce do not wait for the engine (each wait
-/// is a round trip to a poller thread), nor does the queue start (it must never wait: a
-/// poller may be blocked in a DMA message this thread routes). The next memory switch with
-/// queues running settles them.
-#[test]
-fn idle_memory_switch_is_not_waited_for() {
-    let (mut d, s) = device();
-    d.set_engine_timeout(std::time::Duration::from_secs(5));
-    s.lock().unwrap().hold_memory = true;
-    let t = std::time::Instant::now();
-    d.quiesce().unwrap();
-    d.set_memory(Arc::new(GuestMemory::empty()));
-    d.resume();
-    assert_eq!(
-        bring_up(&mut d, VIRTIO_F_VERSION_1) & status::DRIVER_OK,
-        status::DRIVER_OK
-    );
-    assert!(t.elapsed() < std::time::Duration::from_secs(1));
-    assert!(d.queue_started(0) && d.queue_started(1));
-    let ev = events(&s);
-    assert_eq!(ev.iter().filter(|e| **e == Ev::Memory(0)).count(), 1);
-    assert!(!ev.contains(&Ev::Pause));
-    // Queues run now: a memory switch waits for its ack and for the earlier one.
-    let s2 = s.clone();
-    let acker = std::thread::spawn(move || {
-        let mut acked = 0;
-        while acked < 2 {
-            if let Some(c) = s2.lock().unwrap().held_memory.pop() {
-                c.complete(Ok(()));
-                acked += 1;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    });
-    d.set_memory(Arc::new(GuestMemory::empty()));
-    acker.join().unwrap();
-    assert_eq!(d.stats().engine_timeouts, 0);
-    assert!(s.lock().unwrap().held_memory.is_empty());
-}
-
-#[test]
-fn failed_idle_memory_switch_refuses_the_queue_start() {
-    let (mut d, s) = device();
-    s.lock().unwrap().hold_memory = true;
-    d.set_memory(Arc::new(GuestMemory::empty()));
-    for c in std::mem::take(&mut s.lock().unwrap().held_memory) {
-        c.complete(Err(EngineError::Other("no memory".into())));
-    }
-    let st = bring_up(&mut d, VIRTIO_F_VERSION_1);
-    assert_ne!(st & status::DEVICE_NEEDS_RESET, 0);
-    // The first start settles the failure and is refused; the driver must reset.
-    assert!(!events(&s).iter().any(|e| matches!(e, Ev::Start(0, _))));
-    assert!(!d.queue_started(0));
-    assert_eq!(d.stats().queues[0].errors, 1);
-}
-
-#[test]
-fn queue_started_while_quiesced_pauses_the_engine_first() {
-    let (mut d, s) = device();
-    d.quiesce().unwrap();
-    bring_up(&mut d, VIRTIO_F_VERSION_1);
-    let ev = events(&s);
-    let first_start = ev.iter().position(|e| matches!(e, Ev::Start(..))).unwrap();
-    assert_eq!(ev[first_start - 1], Ev::Pause);
-    assert_eq!(ev.iter().filter(|e| **e == Ev::Pause).count(), 1);
-    d.resume();
-    assert_eq!(events(&s), vec![Ev::Resume]);
-}
-
-/// Stopping every queue (client gone) issues all stops before waiting for any.
-#[test]
-fn stop_all_issues_every_stop_before_waiting() {
-    let (mut d, s) = device();
-    bring_up(&mut d, VIRTIO_F_VERSION_1);
-    events(&s);
-    d.set_engine_timeout(std::time::Duration::from_secs(2));
-    s.lock().unwrap().hold_stops = true;
-    let s2 = s.clone();
-    // Acks only once both stops were issued: a stop-then-wait loop would time out.
-    let acker = std::thread::spawn(move || loop {
-        {
-            let mut g = s2.lock().unwrap();
-            if g.held_stops.len() == 2 {
-                for c in std::mem::take(&mut g.held_stops) {
-                    c.complete(Ok(QueueState::default()));
-                }
-                return;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    });
-    d.stop();
-    acker.join().unwrap();
-    assert_eq!(events(&s), vec![Ev::Stop(0), Ev::Stop(1)]);
-    assert_eq!(d.stats().engine_timeouts, 0);
-    assert!(!d.queue_started(0) && !d.queue_started(1));
-}
-
-/// Memory changes that retire no mapping are coalesced while no queue runs: the engine gets
-/// only the newest snapshot, right before the first queue start.
-#[test]
-fn lazy_memory_changes_are_coalesced_until_a_queue_starts() {
-    let (mut d, s) = device();
-    let region = |iova: u64| emudev_vfio_user::DmaRegion {
-        iova,
-        size: 0x1000,
-        prot: 3,
-        mapping: None,
-        map_offset: 0,
-    };
-    let mut table = Vec::new();
-    for i in 0..3u64 {
-        table.push(region(i * 0x1000));
-        let mem = Arc::new(GuestMemory::from_dma(&table, None));
-        assert!(d.set_memory_lazy(&mem));
-    }
-    assert_eq!(events(&s), vec![]);
-    bring_up(&mut d, VIRTIO_F_VERSION_1);
-    let ev = events(&s);
-    let mems: Vec<_> = ev.iter().filter(|e| matches!(e, Ev::Memory(_))).collect();
-    assert_eq!(mems, vec![&Ev::Memory(3)]);
-    let first_start = ev.iter().position(|e| matches!(e, Ev::Start(..))).unwrap();
-    assert!(ev.iter().position(|e| *e == Ev::Memory(3)).unwrap() < first_start);
-    // Running: each change goes to the engine at once.
-    let mem = Arc::new(GuestMemory::from_dma(&table[..1], None));
-    assert!(d.set_memory_lazy(&mem));
-    assert_eq!(events(&s), vec![Ev::Memory(1)]);
 }
 
 /// Dropping the device destroys its engine even with no queue running: a shared poller

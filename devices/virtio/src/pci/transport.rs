@@ -6,11 +6,7 @@
 //! later start at enable time), queue_reset -> `queue_stop`, status 0 -> stop everything,
 //! DMA map changes -> `memory_changed`. Engine calls are waited for (bounded), so the
 //! register read that follows already sees the outcome, except lazy memory changes
-//! ([`DeviceModel::set_memory_lazy`]), which must not wait. While no queue runs nothing can
-//! touch guest memory, so the transport spares the engine round trips: lazy memory changes
-//! are coalesced and handed over before the next queue start, other memory changes and
-//! resumes are sent but not waited for (a failure refuses the next start), and quiesce
-//! pauses nothing. Dropping the device destroys the engine.
+//! ([`DeviceModel::set_memory_lazy`]), which must not wait.
 //!
 //! Doorbells are trapped writes to the notify window; each one rings the queue's [`Kick`]
 //! eventfd the engine sleeps on. No region is mmappable, so QEMU posts these writes.
@@ -125,22 +121,6 @@ struct Runtime {
     events: Option<Arc<EventBus>>,
     /// A device reset whose queue stops still run on the engine.
     resetting: Option<PendingReset>,
-    /// Operations issued while no queue ran, not waited for (see [`Runtime::idle`]); they
-    /// are settled before the next operation that must see the engine caught up.
-    deferred: Vec<(&'static str, Completion)>,
-    /// A deferred operation failed; reported by the next [`Runtime::settle`].
-    deferred_err: Option<EngineError>,
-    /// The newest memory snapshot, not yet given to the idle engine: changes that retire
-    /// no mapping are coalesced here and sent before the next queue start.
-    pending_mem: Option<Arc<GuestMemory>>,
-    /// An engine wait timed out: a queue may still run, so the engine is never treated as
-    /// idle again.
-    suspect: bool,
-    /// The transport is quiesced ([`DeviceModel::quiesce`]).
-    quiesced: bool,
-    /// The engine itself is paused. A quiesce with no queue running does not pause it; a
-    /// queue started while quiesced pauses it first.
-    engine_paused: bool,
 }
 
 /// A device reset in progress. The control thread does not wait for the engine's queue
@@ -174,11 +154,10 @@ impl Runtime {
         }
     }
 
-    fn wait<T>(&mut self, what: &str, c: Completion<T>) -> Result<T, EngineError> {
+    fn wait<T>(&self, what: &str, c: Completion<T>) -> Result<T, EngineError> {
         let r = c.wait_timeout(self.timeout);
         match &r {
             Err(EngineError::Timeout) => {
-                self.suspect = true;
                 inc(&self.counters.engine_timeouts);
                 error!(
                     "{}: engine {what} timed out after {:?}",
@@ -191,99 +170,9 @@ impl Runtime {
         r
     }
 
-    /// True when the engine runs no queue of this device and has no stop in progress, so
-    /// nothing can touch guest memory: a memory switch need not be waited for and a quiesce
-    /// need not pause anything. Saves the cross-thread round trips of DMA map changes and
-    /// client disconnects while the driver has not started the device.
-    fn idle(&mut self) -> bool {
-        if self.suspect || self.started.iter().any(|s| *s) {
-            return false;
-        }
-        if let Some(p) = &mut self.resetting {
-            p.stops.retain(|(_, c)| c.try_get().is_none());
-            if !p.stops.is_empty() {
-                return false;
-            }
-            self.resetting = None;
-        }
-        true
-    }
-
-    /// Keep `c` to settle later (the engine is idle). Already finished ones are dropped.
-    fn defer(&mut self, what: &'static str, c: Completion) {
-        self.reap_deferred();
-        self.deferred.push((what, c));
-    }
-
-    /// Drop finished deferred operations, remembering the first failure.
-    fn reap_deferred(&mut self) {
-        let mut err = None;
-        self.deferred.retain(|(w, c)| match c.try_get() {
-            None => true,
-            Some(Ok(())) => false,
-            Some(Err(e)) => {
-                warn!("engine {w}: {e}");
-                err.get_or_insert(e);
-                false
-            }
-        });
-        if let Some(e) = err {
-            self.deferred_err.get_or_insert(e);
-        }
-    }
-
-    /// Before a queue start, which must not wait for a poller (it may be blocked in a DMA
-    /// message only this thread routes): hand over coalesced memory (ordered before the
-    /// start) and fail if a deferred operation already failed. Unfinished ones stay
-    /// deferred.
-    fn prepare_start(&mut self) -> Result<(), EngineError> {
-        if let Some(mem) = self.pending_mem.take() {
-            let c = self.engine.memory_changed(mem);
-            self.deferred.push(("memory_changed", c));
-        }
-        self.reap_deferred();
-        match self.deferred_err.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Wait for every deferred operation; the first failure (also an earlier one) is
-    /// returned.
-    fn settle(&mut self) -> Result<(), EngineError> {
-        if let Some(mem) = self.pending_mem.take() {
-            let c = self.engine.memory_changed(mem);
-            self.deferred.push(("memory_changed", c));
-        }
-        let mut r = match self.deferred_err.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        for (what, c) in std::mem::take(&mut self.deferred) {
-            if let Err(e) = self.wait(what, c) {
-                if r.is_ok() {
-                    r = Err(e);
-                }
-            }
-        }
-        r
-    }
-
-    /// Pause the engine if the transport is quiesced but the engine was left running
-    /// because it was idle. False if the pause failed.
-    fn pause_if_quiesced(&mut self) -> bool {
-        if !self.quiesced || self.engine_paused {
-            return true;
-        }
-        let c = self.engine.pause();
-        let ok = self.wait("pause", c).is_ok();
-        self.engine_paused = ok;
-        ok
-    }
-
     fn start_queue(&mut self, cfg: &CommonCfg, index: u16) {
         let i = usize::from(index);
-        let (Some(q), Some(kick)) = (cfg.queue(index), self.kicks.get(i).cloned()) else {
+        let (Some(q), Some(kick)) = (cfg.queue(index), self.kicks.get(i)) else {
             return;
         };
         if !q.enabled || self.started.get(i).copied().unwrap_or(true) {
@@ -298,16 +187,6 @@ impl Runtime {
         };
         // A stale doorbell from before the start must not count as a kick.
         kick.drain();
-        // Deferred memory switches reach the engine before the queue; a failed one or a
-        // failed pause means the queue would not run on the memory or state it should.
-        if self.prepare_start().is_err() || !self.pause_if_quiesced() {
-            warn!("{}: queue {index} not started: engine not ready", self.name);
-            if let Some(qc) = self.counters.queue(index) {
-                inc(&qc.errors);
-            }
-            raise_needs_reset(&self.needs_reset, &self.irqs, &self.counters);
-            return;
-        }
         self.set_live(index, true);
         let notifier = Arc::new(QueueNotifier::new(self.irqs.clone(), index));
         let c = self.engine.queue_start(index, qc, notifier, kick.clone());
@@ -404,7 +283,6 @@ impl Runtime {
             return None;
         }
         if p.since.elapsed() > self.timeout {
-            self.suspect = true;
             inc(&self.counters.engine_timeouts);
             error!(
                 "{}: engine queue_stop of {} queue(s) timed out after {:?}; reset completes anyway",
@@ -422,30 +300,10 @@ impl Runtime {
         self.engine.memory_changed(mem)
     }
 
-    /// Stop every started queue: all stops are issued first, then waited for, so the
-    /// engine can run them together (one round trip instead of one per queue).
     fn stop_all(&mut self) {
-        let mut stops = Vec::new();
         for i in 0..self.started.len() {
-            if !self.started[i] {
-                continue;
-            }
             // Queue counts were bounded by MAX_QUEUES at construction.
-            let index = i as u16;
-            self.set_live(index, false);
-            stops.push((index, self.engine.queue_stop(index)));
-        }
-        for (index, c) in stops {
-            if let Err(e) = self.wait("queue_stop", c) {
-                error!("{}: queue {index} stop failed: {e}", self.name);
-            }
-            if let Some(s) = self.started.get_mut(usize::from(index)) {
-                *s = false;
-            }
-            if let Some(qc) = self.counters.queue(index) {
-                inc(&qc.stops);
-            }
-            self.publish(DeviceEvent::QueueStopped { queue: index });
+            self.stop_queue(i as u16);
         }
     }
 }
@@ -510,6 +368,7 @@ pub struct VirtioPciDevice<T: VirtioDeviceType> {
     common: CommonCfg,
     rt: Runtime,
     pci_cfg: PciCfgCap,
+    quiesced: bool,
 }
 
 impl<T: VirtioDeviceType> std::fmt::Debug for VirtioPciDevice<T> {
@@ -518,7 +377,7 @@ impl<T: VirtioDeviceType> std::fmt::Debug for VirtioPciDevice<T> {
             .field("name", &self.name)
             .field("status", &self.common.status())
             .field("started", &self.rt.started)
-            .field("quiesced", &self.rt.quiesced)
+            .field("quiesced", &self.quiesced)
             .finish_non_exhaustive()
     }
 }
@@ -687,16 +546,14 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             timeout: opts.engine_timeout,
             events: None,
             resetting: None,
-            deferred: Vec::new(),
-            deferred_err: None,
-            pending_mem: None,
-            suspect: false,
-            quiesced: false,
-            engine_paused: false,
         };
-        // The engine contract wants memory before the first queue start; nothing runs yet,
-        // so it is handed over (and waited for) at the first start.
-        rt.pending_mem = Some(Arc::new(GuestMemory::empty()));
+        // The engine contract wants memory before the first queue start.
+        let c = rt.engine_memory(Arc::new(GuestMemory::empty()));
+        rt.wait("memory_changed", c)
+            .map_err(|source| VirtioPciError::Engine {
+                device: name.clone(),
+                source,
+            })?;
         let common = CommonCfg::new(dev.features() | TRANSPORT_FEATURES, &max_sizes, vectors);
         Ok(Self {
             name,
@@ -705,6 +562,7 @@ impl<T: VirtioDeviceType> VirtioPciDevice<T> {
             common,
             rt,
             pci_cfg,
+            quiesced: false,
         })
     }
 
@@ -1029,19 +887,9 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
         }
     }
 
-    /// Switch memory; waited for unless no queue runs (then settled at the next start).
     fn set_memory(&mut self, mem: Arc<GuestMemory>) {
-        // Sent even when idle: the engine must drop retired mappings now.
-        self.rt.pending_mem = None;
         let c = self.rt.engine_memory(mem);
-        if self.rt.idle() {
-            self.rt.defer("memory_changed", c);
-            return;
-        }
-        let settled = self.rt.settle();
-        if (self.rt.wait("memory_changed", c).is_err() || settled.is_err())
-            && self.common.driver_ok()
-        {
+        if self.rt.wait("memory_changed", c).is_err() && self.common.driver_ok() {
             raise_needs_reset(&self.rt.needs_reset, &self.rt.irqs, &self.rt.counters);
         }
     }
@@ -1049,36 +897,22 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
     /// Hand the snapshot to the engine without waiting: its queues adopt it at their next
     /// burst boundary. Waiting here could deadlock: a poller may be blocked in a DMA
     /// message that only the (waiting) control thread routes.
-    /// With no queue running, the snapshot is only kept and handed over at the next queue
-    /// start (a guest's boot maps many regions before its driver starts the device).
     fn set_memory_lazy(&mut self, mem: &Arc<GuestMemory>) -> bool {
-        if self.rt.idle() {
-            self.rt.pending_mem = Some(mem.clone());
-            return true;
-        }
-        self.rt.pending_mem = None;
         // The completion only reports when the old snapshot is released; nobody needs that.
         drop(self.rt.engine_memory(mem.clone()));
         true
     }
 
     /// Pause the engine: no new requests are popped and none is in flight when this
-    /// returns. (`set_memory` additionally waits for the memory switch itself.) With no
-    /// queue running there is nothing to pause: the engine is paused only if a queue starts
-    /// while quiesced.
+    /// returns. (`set_memory` additionally waits for the memory switch itself.)
     fn quiesce(&mut self) -> Result<(), DeviceError> {
-        if self.rt.quiesced {
-            return Ok(());
-        }
-        if self.rt.idle() {
-            self.rt.quiesced = true;
+        if self.quiesced {
             return Ok(());
         }
         let c = self.rt.engine.pause();
         match self.rt.wait("pause", c) {
             Ok(()) => {
-                self.rt.quiesced = true;
-                self.rt.engine_paused = true;
+                self.quiesced = true;
                 Ok(())
             }
             Err(EngineError::Timeout) => Err(DeviceError::QuiesceTimeout {
@@ -1092,19 +926,15 @@ impl<T: VirtioDeviceType> DeviceModel for VirtioPciDevice<T> {
         }
     }
 
-    /// Undo [`DeviceModel::quiesce`]. The engine's resume is not waited for: later engine
-    /// calls are ordered after it, and a failure is reported by the next settle.
     fn resume(&mut self) {
-        if !self.rt.quiesced {
+        if !self.quiesced {
             return;
         }
-        self.rt.quiesced = false;
-        if !self.rt.engine_paused {
-            return;
-        }
-        self.rt.engine_paused = false;
+        self.quiesced = false;
         let c = self.rt.engine.resume();
-        self.rt.defer("resume", c);
+        if self.rt.wait("resume", c).is_err() && self.common.driver_ok() {
+            raise_needs_reset(&self.rt.needs_reset, &self.rt.irqs, &self.rt.counters);
+        }
     }
 
     fn reset(&mut self) {
