@@ -293,21 +293,12 @@ impl Shared {
                     return;
                 }
                 let reset = w.reset_at.take().map(|(_, epoch)| epoch);
-                if reset.is_none() {
-                    if !w.kick {
-                        return;
-                    }
-                    w.kick = false;
+                if reset.is_none() && !w.kick {
+                    return;
                 }
-                w.busy = true;
-                w.pass_mapped = w.mem.all_mapped();
-                (w.mem.clone(), reset)
+                claim(&mut w, reset)
             };
-            let again = work_item(self, &mem, reset);
-            let mut w = lock(&self.work);
-            w.busy = false;
-            w.kick |= again;
-            self.cv.notify_all();
+            run_claimed(self, &mem, reset);
         }
     }
 
@@ -464,19 +455,30 @@ pub fn worker_loop(shared: &Shared) {
                 }
                 w = shared.cv.wait(w).unwrap_or_else(PoisonError::into_inner);
             };
-            if reset.is_none() {
-                w.kick = false;
-            }
-            w.busy = true;
-            w.pass_mapped = w.mem.all_mapped();
-            (w.mem.clone(), reset)
+            claim(&mut w, reset)
         };
-        let again = work_item(shared, &mem, reset);
-        let mut w = lock(&shared.work);
-        w.busy = false;
-        w.kick |= again;
-        shared.cv.notify_all();
+        run_claimed(shared, &mem, reset);
     }
+}
+
+/// Take the next work item under the work lock: a due reset (`reset`), or else the pending
+/// kick, which is consumed. Marks the worker busy and returns the memory to use.
+fn claim(w: &mut WorkCtl, reset: Option<u64>) -> (Arc<GuestMemory>, Option<u64>) {
+    if reset.is_none() {
+        w.kick = false;
+    }
+    w.busy = true;
+    w.pass_mapped = w.mem.all_mapped();
+    (w.mem.clone(), reset)
+}
+
+/// Run a claimed item, then release it: not busy, kicked again if work remains.
+fn run_claimed(shared: &Shared, mem: &GuestMemory, reset: Option<u64>) {
+    let again = work_item(shared, mem, reset);
+    let mut w = lock(&shared.work);
+    w.busy = false;
+    w.kick |= again;
+    shared.cv.notify_all();
 }
 
 /// The deferred reset announced for `reset` (an epoch), if it is still current, or else a

@@ -293,6 +293,19 @@ fn select(vsi: u16, rx: u32, tx: u32) -> Vec<u8> {
     .to_vec()
 }
 
+/// A CONFIG_RSS_KEY / CONFIG_RSS_LUT payload for VSI 1 (header, bytes, one pad byte).
+fn rss_array(bytes: &[u8]) -> Vec<u8> {
+    let mut m = vc::RssArrayHdr {
+        vsi_id: 1.into(),
+        len: (bytes.len() as u16).into(),
+    }
+    .as_bytes()
+    .to_vec();
+    m.extend_from_slice(bytes);
+    m.push(0);
+    m
+}
+
 fn addrs(vsi: u16, list: &[([u8; 6], u8)], n: u16) -> Vec<u8> {
     let h = vc::EtherAddrListHdr {
         vsi_id: vsi.into(),
@@ -1673,20 +1686,12 @@ mod datapath {
         let mut d = running_with(Arc::new(mock.clone()), 2);
         let mut key = MS_KEY.to_vec();
         key.resize(52, 0);
-        let array = |bytes: &[u8]| {
-            let mut m = vc::RssArrayHdr {
-                vsi_id: 1.into(),
-                len: (bytes.len() as u16).into(),
-            }
-            .as_bytes()
-            .to_vec();
-            m.extend_from_slice(bytes);
-            m.push(0);
-            m
-        };
-        assert_eq!(d.status(op::CONFIG_RSS_KEY, &array(&key)), status::SUCCESS);
         assert_eq!(
-            d.status(op::CONFIG_RSS_LUT, &array(&[1; 64])),
+            d.status(op::CONFIG_RSS_KEY, &rss_array(&key)),
+            status::SUCCESS
+        );
+        assert_eq!(
+            d.status(op::CONFIG_RSS_LUT, &rss_array(&[1; 64])),
             status::SUCCESS
         );
         // The backend hands everything to its queue 0; the LUT sends it to queue 1.
@@ -1706,7 +1711,7 @@ mod datapath {
         assert_eq!(rx_qw(&d, 0, 0).1, 0, "nothing on queue 0");
         // LUT back to queue 0; SET_RSS_HENA(0) turns hashing off (no FLTSTAT).
         assert_eq!(
-            d.status(op::CONFIG_RSS_LUT, &array(&[0; 64])),
+            d.status(op::CONFIG_RSS_LUT, &rss_array(&[0; 64])),
             status::SUCCESS
         );
         assert_eq!(
@@ -1719,7 +1724,7 @@ mod datapath {
         assert_eq!(rx_qw(&d, 0, 0).1 & rx_status::FLTSTAT_RSS, 0);
         // A LUT entry beyond the queue pairs is refused.
         assert_eq!(
-            d.status(op::CONFIG_RSS_LUT, &array(&[2; 64])),
+            d.status(op::CONFIG_RSS_LUT, &rss_array(&[2; 64])),
             status::ERR_PARAM
         );
     }
@@ -1732,17 +1737,6 @@ mod datapath {
         use crate::rx::{tests::ipv4, tests::MS_KEY, toeplitz};
         let mock = Mock::default();
         let mut d = running_with(Arc::new(mock.clone()), 2);
-        let array = |bytes: &[u8]| {
-            let mut m = vc::RssArrayHdr {
-                vsi_id: 1.into(),
-                len: (bytes.len() as u16).into(),
-            }
-            .as_bytes()
-            .to_vec();
-            m.extend_from_slice(bytes);
-            m.push(0);
-            m
-        };
         let mut key = MS_KEY.to_vec();
         key.resize(52, 0);
         let input = [169, 254, 0, 1, 169, 254, 0, 2, 0x03, 0xe8, 0x07, 0xd0];
@@ -1755,8 +1749,14 @@ mod datapath {
         // lut[0] = queue 0, every other entry queue 1.
         let mut lut = [1u8; 64];
         lut[0] = 0;
-        assert_eq!(d.status(op::CONFIG_RSS_LUT, &array(&lut)), status::SUCCESS);
-        assert_eq!(d.status(op::CONFIG_RSS_KEY, &array(&key)), status::SUCCESS);
+        assert_eq!(
+            d.status(op::CONFIG_RSS_LUT, &rss_array(&lut)),
+            status::SUCCESS
+        );
+        assert_eq!(
+            d.status(op::CONFIG_RSS_KEY, &rss_array(&key)),
+            status::SUCCESS
+        );
         let f = ipv4(6, 20, b"key", ME);
         put_frame(&mock, 0, &f);
         d.wr(QRX_TAIL + 4, 63);
@@ -1764,7 +1764,7 @@ mod datapath {
         assert_eq!(rx_qw(&d, 1, 0).0 >> 32, u64::from(hash));
         // Zero key: hash 0, so lut[0] = queue 0.
         assert_eq!(
-            d.status(op::CONFIG_RSS_KEY, &array(&[0; 52])),
+            d.status(op::CONFIG_RSS_KEY, &rss_array(&[0; 52])),
             status::SUCCESS
         );
         put_frame(&mock, 0, &f);
@@ -1773,7 +1773,10 @@ mod datapath {
         assert_eq!(rx_qw(&d, 0, 0).0 >> 32, 0, "hash under a zero key");
         assert_eq!(rx_qw(&d, 1, 1).1, 0, "nothing more on queue 1");
         // The real key again: back to queue 1.
-        assert_eq!(d.status(op::CONFIG_RSS_KEY, &array(&key)), status::SUCCESS);
+        assert_eq!(
+            d.status(op::CONFIG_RSS_KEY, &rss_array(&key)),
+            status::SUCCESS
+        );
         put_frame(&mock, 0, &f);
         d.wr(QRX_TAIL + 4, 63);
         assert!(wait_until(|| rx_qw(&d, 1, 1).1 & 1 == 1));
