@@ -22,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use emudev_tests::device::TestDevice;
+use emudev_tests::device::{DeviceHandle, TestDevice};
 use emudev_tests::raw::{self, version_request, QEMU_CAPS_JSON};
 use emudev_vfio_user::socket::{recv_with_fds, send_with_fds};
 use emudev_vfio_user::wire::{cmd, Header, IrqSet};
@@ -40,6 +40,9 @@ struct Fds {
 
 struct Live {
     server: Server<TestDevice>,
+    /// The device's observation log (for tests' assertions); emptied per input so a long
+    /// run's RSS reflects the server, not a log that grows by one entry per SET_IRQS.
+    device: DeviceHandle,
     path: PathBuf,
     fds: Fds,
 }
@@ -54,7 +57,7 @@ fn new_live() -> Live {
     let dir = std::env::temp_dir().join(format!("emudev-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("server.sock");
-    let (dev, _h) = TestDevice::new();
+    let (dev, device) = TestDevice::new();
     let server = Server::bind(
         &path,
         dev,
@@ -66,6 +69,7 @@ fn new_live() -> Live {
     .expect("bind fuzz server");
     Live {
         server,
+        device,
         path,
         fds: Fds {
             // Sparse; large enough for the 1 GiB guest-RAM maps of the QEMU captures.
@@ -176,7 +180,13 @@ fn run(live: &mut Live, data: &[u8]) {
     let Some((&ctl, stream)) = data.split_first() else {
         return;
     };
-    let Live { server, path, fds } = live;
+    let Live {
+        server,
+        device,
+        path,
+        fds,
+    } = live;
+    device.lock().set_irqs.clear();
     let start = Instant::now();
     // A UNIX connect completes on the listener's backlog; the next turn accepts it.
     let sock = UnixStream::connect(&*path).expect("connect to the fuzz server");
