@@ -241,23 +241,7 @@ impl PollerPool {
             manual: None,
         };
         for i in 0..n {
-            let (tx, rx) = unbounded();
-            let wake = Arc::new(
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                    .map_err(|e| io("control eventfd", e.into()))?,
-            );
-            let tasks = Arc::new(AtomicUsize::new(0));
-            let stats = Arc::new(ThreadStats::default());
-            let mut w = Worker {
-                rx,
-                wake: wake.clone(),
-                cfg,
-                tasks: Vec::new(),
-                count: tasks.clone(),
-                stats: stats.clone(),
-                fds: Vec::new(),
-                pollfds: Vec::new(),
-            };
+            let (mut w, mut th) = Worker::new(cfg).map_err(|e| io("control eventfd", e))?;
             let tname = if n == 1 {
                 name.to_string()
             } else {
@@ -268,14 +252,9 @@ impl PollerPool {
                 .name(tname)
                 .spawn(move || w.run())
                 .map_err(|e| io("spawn thread", e))?;
-            pool.threads.push(ThreadHandle {
-                tx,
-                wake,
-                id: join.thread().id(),
-                join: Some(join),
-                tasks,
-                stats,
-            });
+            th.id = join.thread().id();
+            th.join = Some(join);
+            pool.threads.push(th);
         }
         Ok(Arc::new(pool))
     }
@@ -286,37 +265,15 @@ impl PollerPool {
     /// thread would only add context switches and scheduling noise. A task must not add or
     /// remove tasks of this pool from its `poll` (the pool is locked meanwhile).
     pub fn manual(name: &str) -> Result<Arc<Self>, PollerError> {
-        let (tx, rx) = unbounded();
-        let wake = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| PollerError::Io {
-                    pool: name.to_string(),
-                    what: "control eventfd",
-                    source: e.into(),
-                })?,
-        );
-        let tasks = Arc::new(AtomicUsize::new(0));
-        let stats = Arc::new(ThreadStats::default());
-        let worker = Worker {
-            rx,
-            wake: wake.clone(),
-            cfg: PollConfig::default(),
-            tasks: Vec::new(),
-            count: tasks.clone(),
-            stats: stats.clone(),
-            fds: Vec::new(),
-            pollfds: Vec::new(),
-        };
+        let (worker, th) =
+            Worker::new(PollConfig::default()).map_err(|source| PollerError::Io {
+                pool: name.to_string(),
+                what: "control eventfd",
+                source,
+            })?;
         Ok(Arc::new(Self {
             name: name.to_string(),
-            threads: vec![ThreadHandle {
-                tx,
-                wake,
-                join: None,
-                id: std::thread::current().id(),
-                tasks,
-                stats,
-            }],
+            threads: vec![th],
             next_id: AtomicU64::new(1),
             manual: Some(Mutex::new(worker)),
         }))
@@ -505,6 +462,38 @@ struct Worker {
 }
 
 impl Worker {
+    /// A worker and the pool's handle to it, joined by a control channel and eventfd. The
+    /// handle names the calling thread and has no join handle; a threaded pool fills both
+    /// in once it has spawned the worker's thread.
+    fn new(cfg: PollConfig) -> std::io::Result<(Self, ThreadHandle)> {
+        let (tx, rx) = unbounded();
+        let wake = Arc::new(EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+        )?);
+        let tasks = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(ThreadStats::default());
+        let worker = Self {
+            rx,
+            wake: wake.clone(),
+            cfg,
+            tasks: Vec::new(),
+            count: tasks.clone(),
+            stats: stats.clone(),
+            fds: Vec::new(),
+            pollfds: Vec::new(),
+        };
+        let handle = ThreadHandle {
+            tx,
+            wake,
+            join: None,
+            id: std::thread::current().id(),
+            tasks,
+            stats,
+        };
+        Ok((worker, handle))
+    }
+
     fn run(&mut self) {
         let mut window = SpinWindow::with_budget(
             self.cfg.idle_before_sleep,

@@ -139,8 +139,17 @@ impl Drv {
         );
     }
 
-    /// Send a virtchnl message as Linux does (SI|BUF|RD, LB above 512 bytes).
+    /// Send a virtchnl message as Linux does (SI|BUF|RD, LB above 512 bytes) and wait until
+    /// the device consumed it.
     fn send_len(&mut self, v_op: u32, payload: &[u8], datalen: u16) -> u32 {
+        let i = self.push_msg(v_op, payload, datalen);
+        self.wait_atq();
+        i
+    }
+
+    /// Put a virtchnl message on the ATQ as Linux does and ring the doorbell, without
+    /// waiting; returns its index.
+    fn push_msg(&mut self, v_op: u32, payload: &[u8], datalen: u16) -> u32 {
         let buf = ATQ_BUFS + u64::from(self.atq_ntu) * 4096;
         let mut fl = flags::SI;
         if !payload.is_empty() {
@@ -159,9 +168,7 @@ impl Drv {
             addr_low: (buf as u32).into(),
             ..AqDesc::default()
         };
-        let i = self.push(d);
-        self.wait_atq();
-        i
+        self.push(d)
     }
 
     fn send(&mut self, v_op: u32, payload: &[u8]) -> u32 {
@@ -2040,17 +2047,7 @@ fn inline_admin_mode_finishes_each_doorbell_before_the_write_returns() {
         major: 1.into(),
         minor: 1.into(),
     };
-    let buf = ATQ_BUFS;
-    d.put(buf, v.as_bytes());
-    let desc = AqDesc {
-        flags: (flags::SI | flags::BUF | flags::RD).into(),
-        opcode: aq_op::SEND_TO_PF.into(),
-        datalen: (v.as_bytes().len() as u16).into(),
-        cookie_high: op::VERSION.into(),
-        addr_low: (buf as u32).into(),
-        ..AqDesc::default()
-    };
-    d.push(desc);
+    d.push_msg(op::VERSION, v.as_bytes(), v.as_bytes().len() as u16);
     // No waiting: the descriptor is written back and the reply is on the ARQ already.
     let done = d.desc(ATQ_BASE);
     assert_eq!(done.flags.get() & flags::DD, flags::DD);
@@ -2061,16 +2058,7 @@ fn inline_admin_mode_finishes_each_doorbell_before_the_write_returns() {
     d.call(op::GET_VF_RESOURCES, &LINUX_CAPS.to_le_bytes());
     // REQUEST_QUEUES: reply, RESET_IMPENDING, and the reset itself within the doorbell.
     let ntc = u64::from(d.arq_ntc);
-    let buf = ATQ_BUFS + u64::from(d.atq_ntu) * 4096;
-    d.put(buf, &2u16.to_le_bytes());
-    d.push(AqDesc {
-        flags: (flags::SI | flags::BUF | flags::RD).into(),
-        opcode: aq_op::SEND_TO_PF.into(),
-        datalen: 2.into(),
-        cookie_high: op::REQUEST_QUEUES.into(),
-        addr_low: (buf as u32).into(),
-        ..AqDesc::default()
-    });
+    d.push_msg(op::REQUEST_QUEUES, &2u16.to_le_bytes(), 2);
     assert_eq!(
         d.desc(ARQ_BASE + ntc * 32).cookie_high.get(),
         op::REQUEST_QUEUES
